@@ -1,0 +1,73 @@
+"""otel_llm: LLM training signals as OpenTelemetry metrics.
+
+One call instruments a model and optimizer::
+
+    import otel_llm
+    with otel_llm.instrument(model, optimizer):
+        train()
+
+or run an unmodified script with ``opentelemetry-instrument python train.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+from otel_llm.catalog import CATALOG, MetricSpec
+from otel_llm.config import Config
+from otel_llm.schema import SchemaError
+from otel_llm.session import Instrumentation, active
+from otel_llm.version import __version__
+
+if TYPE_CHECKING:
+    import torch
+    from opentelemetry.metrics import MeterProvider
+
+__all__ = [
+    "CATALOG",
+    "Config",
+    "Instrumentation",
+    "MetricSpec",
+    "SchemaError",
+    "__version__",
+    "instrument",
+    "record",
+    "register",
+]
+
+
+def instrument(model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None, *,
+               meter_provider: MeterProvider | None = None, config: Config | None = None) -> Instrumentation:
+    """Start exporting training signals; returns a handle (context manager, ``.shutdown()``).
+
+    Without ``meter_provider`` a provider with the catalog Views and the readers
+    of ``config.exporters`` (default: Prometheus and OTLP) is built. Without
+    ``model``/``optimizer`` they are found as they first run. Calling this while a
+    session is active returns that session.
+    """
+    current = active()
+    if current is not None:
+        current.attach(model, optimizer)
+        return current
+    return Instrumentation(model, optimizer, config=config, meter_provider=meter_provider)
+
+
+def _current() -> Instrumentation:
+    session = active()
+    if session is None:
+        raise RuntimeError("otel_llm is not instrumenting anything: call otel_llm.instrument() "
+                           "or run under opentelemetry-instrument first")
+    return session
+
+
+def register(name: str, instrument: str, *, unit: str = "1", description: str = "",
+             attributes: Iterable[str] = (), buckets: Iterable[float] | None = None) -> MetricSpec:
+    """Declare a custom metric on the active session (see :meth:`Instrumentation.register`)."""
+    return _current().register(name, instrument, unit=unit, description=description,
+                               attributes=attributes, buckets=buckets)
+
+
+def record(name: str, value: float, attributes: Mapping[str, str] | None = None) -> None:
+    """Record a custom metric on the active session (see :meth:`Instrumentation.record`)."""
+    _current().record(name, value, attributes)

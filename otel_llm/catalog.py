@@ -1,0 +1,216 @@
+"""The metric catalog: every signal otel_llm exports, declared once.
+
+Instruments, Views, the README tables, the ``otel-llm catalog`` command and
+(later) alert rules and dashboards are all derived from :data:`CATALOG`, so a
+name, unit, attribute or bucket boundary changes in exactly one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+__all__ = [
+    "ATTR_DEVICE",
+    "ATTR_LAYER",
+    "ATTR_PARAM_GROUP",
+    "ATTR_SIGNAL",
+    "CATALOG",
+    "InstrumentKind",
+    "MetricSpec",
+    "Threshold",
+    "by_name",
+    "prometheus_name",
+]
+
+InstrumentKind = Literal["counter", "histogram", "observable_gauge", "gauge", "up_down_counter"]
+
+ATTR_LAYER: Final = "llm.layer"
+"""0-based decoder layer index, as a string."""
+ATTR_PARAM_GROUP: Final = "llm.param.group"
+"""Optimizer param-group index, or a parameter family (all, lora_a, lora_b)."""
+ATTR_DEVICE: Final = "llm.device"
+"""torch device string, e.g. ``cpu`` or ``cuda:0``."""
+ATTR_SIGNAL: Final = "llm.signal"
+"""Name of the catalog signal an event is about."""
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """An alerting threshold on a signal; ``statistic`` says what is compared."""
+
+    severity: Literal["warning", "critical"]
+    op: Literal[">", "<", ">=", "<=", "increase"]
+    value: float
+    reason: str
+    statistic: str = "value"
+    for_duration: str = ""
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One catalog entry: everything needed to create, view and document a metric."""
+
+    name: str
+    instrument: InstrumentKind
+    unit: str
+    description: str
+    attributes: tuple[str, ...] = ()
+    buckets: tuple[float, ...] | None = None
+    thresholds: tuple[Threshold, ...] = field(default=())
+    signal_number: int | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "instrument": self.instrument,
+            "unit": self.unit,
+            "description": self.description,
+            "attributes": list(self.attributes),
+            "buckets": list(self.buckets) if self.buckets is not None else None,
+        }
+
+
+def prometheus_name(name: str, unit: str, instrument: str) -> str:
+    """The series name the Prometheus reader exposes for an OTel metric name."""
+    base = name.replace(".", "_")
+    suffix = {"s": "seconds", "rad": "rad", "By": "bytes"}.get(unit, "")
+    if unit and unit != "1" and not unit.startswith("{") and not suffix:
+        suffix = unit
+    if suffix and not base.endswith("_" + suffix):
+        base = f"{base}_{suffix}"
+    if instrument == "counter":
+        base += "_total"
+    return base
+
+
+# --- Core training metrics -------------------------------------------------
+
+TRAIN_LOSS: Final = "llm.train.loss"
+"""observable gauge, unit 1: mean training loss of the latest sampled step."""
+TRAIN_STEPS: Final = "llm.train.steps"
+"""counter, unit {step}: optimizer steps taken."""
+TRAIN_TOKENS: Final = "llm.train.tokens"
+"""counter, unit {token}: tokens processed (non-padding when a mask is known)."""
+TRAIN_STEP_DURATION: Final = "llm.train.step.duration"
+"""histogram, unit s: wall time between consecutive optimizer steps."""
+TRAIN_LEARNING_RATE: Final = "llm.train.learning_rate"
+"""observable gauge, unit 1: lr of each optimizer param group."""
+GRAD_NORM: Final = "llm.grad.norm"
+"""observable gauge, unit 1: global L2 gradient norm at optimizer pre-step."""
+
+# --- The 17 LLM signals ----------------------------------------------------
+
+GRAD_NORM_DECAY_RATE: Final = "llm.grad.norm_decay_rate"
+GRAD_SPARSITY: Final = "llm.grad.sparsity"
+PARAM_UPDATE_RATIO: Final = "llm.param.update_ratio"
+PARAM_UPDATE_VARIANCE_RATIO: Final = "llm.param.update_variance_ratio"
+LOSS_TOKEN: Final = "llm.loss.token"
+LOSS_TOKEN_SKEWNESS: Final = "llm.loss.token_skewness"
+LOGITS_Z_LOSS: Final = "llm.logits.z_loss"
+ATTENTION_HEAD_ENTROPY: Final = "llm.attention.head_entropy"
+ATTENTION_HEAD_DIVERGENCE_MAX: Final = "llm.attention.head_divergence_max"
+ATTENTION_LOGIT_MAX: Final = "llm.attention.logit_max"
+ATTENTION_SINK_RATIO: Final = "llm.attention.sink_ratio"
+ACTIVATION_SPARSITY: Final = "llm.activation.sparsity"
+ACTIVATION_OUTLIER_RATIO: Final = "llm.activation.outlier_ratio"
+LORA_RANK_ACTIVATION_RATIO: Final = "llm.lora.rank_activation_ratio"
+ROPE_ANGLE_DEVIATION: Final = "llm.rope.angle_deviation"
+KV_CACHE_HIT_RATIO: Final = "llm.kv_cache.hit_ratio"
+KV_CACHE_HITS: Final = "llm.kv_cache.hits"
+KV_CACHE_LOOKUPS: Final = "llm.kv_cache.lookups"
+MEMORY_PRESSURE: Final = "llm.memory.pressure"
+
+# --- Pipeline self-observability -------------------------------------------
+
+TELEMETRY_SAMPLED_STEPS: Final = "llm.telemetry.sampled_steps"
+TELEMETRY_SAMPLING_INTERVAL: Final = "llm.telemetry.sampling_interval"
+TELEMETRY_OVERHEAD: Final = "llm.telemetry.overhead"
+TELEMETRY_NONFINITE: Final = "llm.telemetry.nonfinite"
+ANOMALY_EVENTS: Final = "llm.anomaly.events"
+
+STEP_DURATION_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+LOSS_TOKEN_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+HEAD_ENTROPY_BUCKETS: Final = (0.25, 0.5, 0.75, 1.0, 1.2, 1.5, 2.0, 3.0, 4.0, 6.0)
+OVERHEAD_BUCKETS: Final = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0)
+
+
+def _gauge(name: str, description: str, *, unit: str = "1", attributes: tuple[str, ...] = (),
+           number: int | None = None, thresholds: tuple[Threshold, ...] = ()) -> MetricSpec:
+    return MetricSpec(name, "observable_gauge", unit, description, attributes,
+                      thresholds=thresholds, signal_number=number)
+
+
+CATALOG: Final[tuple[MetricSpec, ...]] = (
+    _gauge(TRAIN_LOSS, "Mean training loss of the latest sampled step, as the loss function returned it."),
+    MetricSpec(TRAIN_STEPS, "counter", "{step}", "Optimizer steps taken."),
+    MetricSpec(TRAIN_TOKENS, "counter", "{token}",
+               "Tokens processed (non-padding input tokens when an attention mask is known)."),
+    MetricSpec(TRAIN_STEP_DURATION, "histogram", "s", "Wall time between consecutive optimizer steps.",
+               buckets=STEP_DURATION_BUCKETS),
+    _gauge(TRAIN_LEARNING_RATE, "Learning rate of each optimizer param group.", attributes=(ATTR_PARAM_GROUP,)),
+    _gauge(GRAD_NORM, "Global L2 norm of all gradients at optimizer pre-step (after AMP unscale)."),
+    _gauge(GRAD_NORM_DECAY_RATE,
+           "(|g_{t-1}| - |g_t|) / (|g_{t-1}| + 1e-8) between consecutive optimizer steps.", number=1,
+           thresholds=(Threshold("warning", ">", 0.85, "gradient collapse"),
+                       Threshold("warning", "<", -0.1, "gradient rebound"))),
+    _gauge(GRAD_SPARSITY, "Fraction of gradient elements with abs <= threshold (default 1e-5).",
+           attributes=(ATTR_PARAM_GROUP,), number=2),
+    _gauge(PARAM_UPDATE_RATIO, "|delta theta|_2 / |theta_before|_2 over trainable parameters.", number=3,
+           thresholds=(Threshold("warning", ">", 1e-2, "updates too large for the weights"),)),
+    _gauge(PARAM_UPDATE_VARIANCE_RATIO,
+           "Sum over sampled coordinates of the cross-rank variance of the update, over the mean squared "
+           "update norm; 0 with one rank.", number=4,
+           thresholds=(Threshold("warning", ">=", 1e-5, "ranks drifting apart"),
+                       Threshold("critical", ">=", 1e-3, "ranks out of sync"))),
+    MetricSpec(LOSS_TOKEN, "histogram", "1",
+               "Per-token cross-entropy (nats) of the sampled step, at most 512 tokens uniformly subsampled.",
+               buckets=LOSS_TOKEN_BUCKETS, signal_number=5),
+    _gauge(LOSS_TOKEN_SKEWNESS, "Fisher-Pearson skewness m3 / m2^1.5 of the step's valid per-token losses.",
+           number=6),
+    _gauge(LOGITS_Z_LOSS, "Mean over valid tokens of (logsumexp of the logits)^2 (PaLM z-loss, no coefficient).",
+           number=7),
+    MetricSpec(ATTENTION_HEAD_ENTROPY, "histogram", "1",
+               "Per-head Shannon entropy (nats) of attention, averaged over sampled queries.",
+               attributes=(ATTR_LAYER,), buckets=HEAD_ENTROPY_BUCKETS, signal_number=8,
+               thresholds=(Threshold("warning", ">", 1.8, "attention diffusing", statistic="p50 per layer",
+                                     for_duration="3m"),)),
+    _gauge(ATTENTION_HEAD_DIVERGENCE_MAX, "Max over heads of the variance of the head's cosine similarity "
+           "to the other heads' attention outputs.", attributes=(ATTR_LAYER,), number=9),
+    _gauge(ATTENTION_LOGIT_MAX, "Max pre-softmax attention logit q.k.scale.", attributes=(ATTR_LAYER,), number=10),
+    _gauge(ATTENTION_SINK_RATIO, "Mean attention probability on key position 0 for query positions > 0.",
+           attributes=(ATTR_LAYER,), number=11),
+    _gauge(ACTIVATION_SPARSITY, "Fraction of MLP intermediate activations with abs <= 1e-3.",
+           attributes=(ATTR_LAYER,), number=12),
+    _gauge(ACTIVATION_OUTLIER_RATIO, "Fraction of hidden dimensions whose max abs over the step's tokens is >= 6.0.",
+           attributes=(ATTR_LAYER,), number=13),
+    _gauge(LORA_RANK_ACTIVATION_RATIO, "Effective rank of lora_A activations over the LoRA rank.",
+           attributes=(ATTR_LAYER,), number=14,
+           thresholds=(Threshold("warning", ">", 0.9, "LoRA rank saturated"),)),
+    _gauge(ROPE_ANGLE_DEVIATION, "Max abs error of the rotary angles the module emitted vs exact float64 angles.",
+           unit="rad", number=15),
+    _gauge(KV_CACHE_HIT_RATIO, "Reused / (reused + newly computed) K/V entries over the last 64 cache updates.",
+           number=16, thresholds=(Threshold("warning", "<", 0.6, "KV cache reuse is low"),)),
+    MetricSpec(KV_CACHE_HITS, "counter", "{token}", "K/V token entries served from the cache."),
+    MetricSpec(KV_CACHE_LOOKUPS, "counter", "{token}", "K/V token entries attended (reused + newly computed)."),
+    _gauge(MEMORY_PRESSURE, "CUDA: (total - free) / total; CPU: process RSS / physical memory.",
+           attributes=(ATTR_DEVICE,), number=17,
+           thresholds=(Threshold("warning", ">", 0.85, "memory pressure high"),
+                       Threshold("critical", ">", 0.95, "memory nearly exhausted"))),
+    MetricSpec(TELEMETRY_SAMPLED_STEPS, "counter", "{step}", "Steps on which the expensive signals were computed."),
+    _gauge(TELEMETRY_SAMPLING_INTERVAL, "Current sampling interval.", unit="{step}"),
+    MetricSpec(TELEMETRY_OVERHEAD, "histogram", "s", "Host time the probes added to a sampled step.",
+               buckets=OVERHEAD_BUCKETS),
+    MetricSpec(TELEMETRY_NONFINITE, "counter", "{event}", "Signal values that came out NaN or Inf.",
+               attributes=(ATTR_SIGNAL,),
+               thresholds=(Threshold("warning", "increase", 0.0, "a signal went NaN/Inf"),)),
+    MetricSpec(ANOMALY_EVENTS, "counter", "{event}", "Anomalies flagged by the SAX detector.",
+               attributes=(ATTR_SIGNAL,)),
+)
+
+_BY_NAME: Final = {spec.name: spec for spec in CATALOG}
+
+
+def by_name(name: str) -> MetricSpec:
+    """The catalog entry for ``name``; KeyError when it is not a built-in signal."""
+    return _BY_NAME[name]

@@ -1,0 +1,227 @@
+"""Configuration: one dataclass field per option, filled from the environment.
+
+Explicit arguments win, then environment variables, then defaults. Explicit
+values are validated in ``__post_init__`` and raise :class:`ValueError`; a bad
+environment value is logged once and replaced by the default, because a typo in
+a job spec must not stop a training run.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from otel_llm import environment_variables as env
+from otel_llm.catalog import CATALOG
+
+__all__ = ["Config", "EXPORTERS"]
+
+_logger = logging.getLogger(__name__)
+_warned: set[tuple[str, str]] = set()
+
+EXPORTERS = ("prometheus", "otlp")
+"""Readers ``OTEL_METRICS_EXPORTER`` can select (``none`` selects neither)."""
+
+
+def _int_value(value: Any, name: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if isinstance(value, int):
+        return value
+    raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
+def _positive_int(value: Any, name: str) -> int:
+    number = _int_value(value, name)
+    if number < 1:
+        raise ValueError(f"{name} must be >= 1, got {number}")
+    return number
+
+
+def _non_negative_int(value: Any, name: str) -> int:
+    number = _int_value(value, name)
+    if number < 0:
+        raise ValueError(f"{name} must be >= 0, got {number}")
+    return number
+
+
+def _port(value: Any, name: str) -> int:
+    number = _int_value(value, name)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"{name} must be a TCP port 0..65535, got {number}")
+    return number
+
+
+def _token_samples(value: Any, name: str) -> int:
+    number = _positive_int(value, name)
+    if number > 512:
+        raise ValueError(f"{name} must be at most 512 (the catalog bound), got {number}")
+    return number
+
+
+def _positive_float(value: Any, name: str) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return number
+
+
+def _non_negative_float(value: Any, name: str) -> float:
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            number = float(value.strip() if isinstance(value, str) else value)
+        except ValueError:
+            number = math.nan
+        if math.isfinite(number) and number >= 0:
+            return number
+    raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _choice(*choices: str) -> Callable[[Any, str], str]:
+    def parse(value: Any, name: str) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        return text
+
+    return parse
+
+
+def _items(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if isinstance(value, Iterable):
+        return [str(item).strip() for item in value if str(item).strip()]
+    raise ValueError(f"expected a comma-separated string or a list, got {value!r}")
+
+
+def _signals(value: Any, name: str) -> tuple[str, ...]:
+    known = [spec.name for spec in CATALOG]
+    items = _items(value)
+    for item in items:
+        if not fnmatch.filter(known, item):
+            raise ValueError(f"{name}: {item!r} matches no catalog signal (see `otel-llm catalog`)")
+    return tuple(items)
+
+
+def _exporters(value: Any, name: str) -> tuple[str, ...]:
+    items = [item.lower() for item in _items(value)]
+    if items == ["none"]:
+        return ()
+    unknown = [item for item in items if item not in EXPORTERS]
+    if unknown or not items:
+        raise ValueError(f"{name} must be a comma list of {', '.join(EXPORTERS)} or 'none', got {value!r}")
+    return tuple(dict.fromkeys(items))
+
+
+def _optional_path(value: Any, name: str) -> str | None:
+    if value is None or str(value).strip() == "":
+        return None
+    return str(value)
+
+
+def _text(value: Any, name: str) -> str:
+    text = str(value).strip()
+    if not text:
+        raise ValueError(f"{name} must not be empty")
+    return text
+
+
+def _option(env_var: str, parse: Callable[[Any, str], Any], default: Any, help: str) -> Any:
+    """A dataclass field whose default comes from ``env_var`` when that is set and valid."""
+
+    def from_env() -> Any:
+        raw = os.environ.get(env_var)
+        if raw is None or raw.strip() == "":
+            return default
+        try:
+            return parse(raw, env_var)
+        except ValueError as exc:
+            if (env_var, raw) in _warned:
+                return default
+            _warned.add((env_var, raw))
+            _logger.warning("otel_llm: ignoring %s=%r (%s); using the default %r", env_var, raw, exc, default)
+            return default
+
+    return field(default_factory=from_env, metadata={"env": env_var, "parse": parse,
+                                                     "default": default, "help": help})
+
+
+@dataclass(frozen=True)
+class Config:
+    """All otel_llm options. Unset fields come from the environment variable named in each field."""
+
+    sampling_interval: int = _option(
+        env.OTEL_LLM_SAMPLING_INTERVAL, _positive_int, 10,
+        "Compute the expensive signals every N optimizer steps.")
+    sampling: str = _option(
+        env.OTEL_LLM_SAMPLING, _choice("fixed", "adaptive"), "fixed",
+        "Sampling policy (`adaptive` currently follows the fixed schedule).")
+    disabled_signals: tuple[str, ...] = _option(
+        env.OTEL_LLM_DISABLED_SIGNALS, _signals, (),
+        "Catalog signals (comma list, fnmatch patterns) neither computed nor exported.")
+    schema_path: str | None = _option(
+        env.OTEL_LLM_SCHEMA, _optional_path, None,
+        "YAML file declaring extra user metrics for `record()`.")
+    grad_sparsity_threshold: float = _option(
+        env.OTEL_LLM_GRAD_SPARSITY_THRESHOLD, _non_negative_float, 1e-5,
+        "abs(grad) at or below this counts as zero in `llm.grad.sparsity`.")
+    token_loss_samples: int = _option(
+        env.OTEL_LLM_TOKEN_LOSS_SAMPLES, _token_samples, 512,
+        "Most per-token losses recorded into `llm.loss.token` per sampled step.")
+    update_sample_size: int = _option(
+        env.OTEL_LLM_UPDATE_SAMPLE_SIZE, _positive_int, 65536,
+        "Coordinates in the shared sample behind `llm.param.update_variance_ratio`.")
+    update_sample_seed: int = _option(
+        env.OTEL_LLM_UPDATE_SAMPLE_SEED, _non_negative_int, 0,
+        "Seed of that coordinate sample (equal on every rank).")
+    shutdown_timeout: float = _option(
+        env.OTEL_LLM_SHUTDOWN_TIMEOUT, _positive_float, 2.0,
+        "Upper bound in seconds on `shutdown()` and flushes.")
+    exporters: tuple[str, ...] = _option(
+        "OTEL_METRICS_EXPORTER", _exporters, EXPORTERS,
+        "Readers: `prometheus`, `otlp`, both (comma list) or `none`.")
+    prometheus_host: str = _option(
+        "OTEL_EXPORTER_PROMETHEUS_HOST", _text, "127.0.0.1",
+        "Address the Prometheus endpoint binds (loopback unless set).")
+    prometheus_port: int = _option(
+        "OTEL_EXPORTER_PROMETHEUS_PORT", _port, 9464,
+        "Base port of the Prometheus endpoint; local rank k serves on base + k.")
+    export_interval_ms: int = _option(
+        "OTEL_METRIC_EXPORT_INTERVAL", _positive_int, 60000,
+        "Milliseconds between OTLP pushes.")
+    service_name: str = _option(
+        "OTEL_SERVICE_NAME", _text, "otel-llm-training",
+        "`service.name` resource attribute.")
+
+    def __post_init__(self) -> None:
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if value == spec.metadata["default"] and not isinstance(value, bool):
+                continue
+            object.__setattr__(self, spec.name, spec.metadata["parse"](value, spec.name))
+
+    def is_disabled(self, name: str) -> bool:
+        """True when ``name`` matches one of :attr:`disabled_signals`."""
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.disabled_signals)
+
+
+def options() -> list[tuple[str, str, Any, str]]:
+    """(field, environment variable, default, help) for every option, for docs."""
+    return [(spec.name, spec.metadata["env"], spec.metadata["default"], spec.metadata["help"])
+            for spec in fields(Config)]

@@ -1,0 +1,47 @@
+"""Environment variables otel_llm reads, one documented constant each.
+
+Explicit :class:`otel_llm.Config` fields win over these; these win over the
+defaults. A malformed value is logged and replaced by the default so a typo in
+a job spec never stops training.
+"""
+
+from typing import Final
+
+__all__ = [
+    "OTEL_LLM_DISABLED_SIGNALS",
+    "OTEL_LLM_GRAD_SPARSITY_THRESHOLD",
+    "OTEL_LLM_SAMPLING",
+    "OTEL_LLM_SAMPLING_INTERVAL",
+    "OTEL_LLM_SCHEMA",
+    "OTEL_LLM_SHUTDOWN_TIMEOUT",
+    "OTEL_LLM_TOKEN_LOSS_SAMPLES",
+    "OTEL_LLM_UPDATE_SAMPLE_SEED",
+    "OTEL_LLM_UPDATE_SAMPLE_SIZE",
+]
+
+OTEL_LLM_SAMPLING_INTERVAL: Final = "OTEL_LLM_SAMPLING_INTERVAL"
+"""Compute the expensive signals every N optimizer steps (integer >= 1, default 10)."""
+
+OTEL_LLM_SAMPLING: Final = "OTEL_LLM_SAMPLING"
+"""Sampling policy: ``fixed`` (default) or ``adaptive`` (currently the fixed schedule)."""
+
+OTEL_LLM_DISABLED_SIGNALS: Final = "OTEL_LLM_DISABLED_SIGNALS"
+"""Comma-separated catalog names (``fnmatch`` patterns allowed) to neither compute nor export."""
+
+OTEL_LLM_SCHEMA: Final = "OTEL_LLM_SCHEMA"
+"""Path of a YAML file declaring extra user metrics (see README, "Custom metrics")."""
+
+OTEL_LLM_GRAD_SPARSITY_THRESHOLD: Final = "OTEL_LLM_GRAD_SPARSITY_THRESHOLD"
+"""abs(grad) at or below this counts as zero for ``llm.grad.sparsity`` (default 1e-5)."""
+
+OTEL_LLM_TOKEN_LOSS_SAMPLES: Final = "OTEL_LLM_TOKEN_LOSS_SAMPLES"
+"""Most per-token losses recorded into ``llm.loss.token`` per sampled step (1..512, default 512)."""
+
+OTEL_LLM_UPDATE_SAMPLE_SIZE: Final = "OTEL_LLM_UPDATE_SAMPLE_SIZE"
+"""Coordinates in the shared sample used by ``llm.param.update_variance_ratio`` (default 65536)."""
+
+OTEL_LLM_UPDATE_SAMPLE_SEED: Final = "OTEL_LLM_UPDATE_SAMPLE_SEED"
+"""Seed of that coordinate sample; must be equal on every rank (default 0)."""
+
+OTEL_LLM_SHUTDOWN_TIMEOUT: Final = "OTEL_LLM_SHUTDOWN_TIMEOUT"
+"""Upper bound in seconds on ``shutdown()``/flush, whatever the collector does (default 2)."""

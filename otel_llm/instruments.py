@@ -1,0 +1,169 @@
+"""OTel instruments from the catalog, fed off the training thread.
+
+The training thread only enqueues host values (:class:`Publication`); a daemon
+thread records counters and histograms and swaps in the new :class:`Snapshot`
+that observable-gauge callbacks read. NaN/Inf never reach the SDK: they are
+counted in ``llm.telemetry.nonfinite`` per signal instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+
+from otel_llm.catalog import (
+    ATTR_SIGNAL,
+    CATALOG,
+    KV_CACHE_HIT_RATIO,
+    KV_CACHE_HITS,
+    KV_CACHE_LOOKUPS,
+    LOSS_TOKEN,
+    TELEMETRY_NONFINITE,
+    TELEMETRY_OVERHEAD,
+    TELEMETRY_SAMPLED_STEPS,
+    TRAIN_STEP_DURATION,
+    TRAIN_STEPS,
+    TRAIN_TOKENS,
+    MetricSpec,
+)
+from otel_llm.kv_cache import KvCacheWindow
+from otel_llm.probes.loss import TOKEN_SAMPLE_VALID
+from otel_llm.snapshot import Publication, Snapshot
+
+__all__ = ["Publisher", "create_instrument"]
+
+_logger = logging.getLogger(__name__)
+_QUEUE_LIMIT = 256
+
+
+def create_instrument(meter: Meter, spec: MetricSpec) -> Any:
+    """A synchronous instrument for ``spec`` (observable gauges are created by the publisher)."""
+    common = {"name": spec.name, "unit": spec.unit, "description": spec.description}
+    if spec.instrument == "counter":
+        return meter.create_counter(**common)
+    if spec.instrument == "up_down_counter":
+        return meter.create_up_down_counter(**common)
+    if spec.instrument == "histogram":
+        return meter.create_histogram(**common, explicit_bucket_boundaries_advisory=spec.buckets)
+    if spec.instrument == "gauge":
+        return meter.create_gauge(**common)
+    raise ValueError(f"{spec.name}: {spec.instrument} is not a synchronous instrument")
+
+
+class Publisher:
+    """Owns the catalog instruments of one provider and the exporter-side thread."""
+
+    def __init__(self, meter: Meter) -> None:
+        self._snapshot = Snapshot()
+        self._kv = KvCacheWindow()
+        self._sync: dict[str, Any] = {}
+        for spec in CATALOG:
+            if spec.instrument == "observable_gauge":
+                meter.create_observable_gauge(spec.name, callbacks=[self._gauge_callback(spec.name)],
+                                              unit=spec.unit, description=spec.description)
+            else:
+                self._sync[spec.name] = create_instrument(meter, spec)
+        self._queue: queue.Queue[Publication | None] = queue.Queue()
+        self._dropped = False
+        self._thread = threading.Thread(target=self._run, name="otel_llm-publisher", daemon=True)
+        self._thread.start()
+
+    # -- gauges ---------------------------------------------------------------
+    def _gauge_callback(self, name: str):  # noqa: ANN202 - SDK callback signature
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            if name == KV_CACHE_HIT_RATIO:
+                ratio = self._kv.ratio()
+                return [] if ratio is None else [Observation(ratio)]
+            return [Observation(value, attributes) for attributes, value in self._snapshot.gauges.get(name, ())]
+
+        return callback
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    # -- training-thread side -------------------------------------------------
+    def submit(self, publication: Publication) -> None:
+        """Enqueue without blocking; past the limit publications are dropped (logged once)."""
+        if self._queue.qsize() >= _QUEUE_LIMIT:
+            if not self._dropped:
+                _logger.warning("otel_llm: exporter thread is behind; dropping telemetry publications")
+                self._dropped = True
+            return
+        self._queue.put_nowait(publication)
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every submitted publication is recorded (at most ``timeout`` seconds)."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if time.monotonic() >= deadline or not self._thread.is_alive():
+                return False
+            time.sleep(0.001)
+        return True
+
+    def close(self, timeout: float) -> None:
+        self.drain(timeout)
+        self._queue.put_nowait(None)
+
+    # -- manual recording (caller's thread) -------------------------------------
+    def record_kv_cache(self, reused: int, added: int) -> None:
+        self._kv.update(reused, added)
+        self._sync[KV_CACHE_HITS].add(reused)
+        self._sync[KV_CACHE_LOOKUPS].add(reused + added)
+
+    def count_nonfinite(self, signal: str) -> None:
+        self._sync[TELEMETRY_NONFINITE].add(1, {ATTR_SIGNAL: signal})
+
+    # -- exporter thread --------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            publication = self._queue.get()
+            try:
+                if publication is None:
+                    return
+                self._record(publication)
+            except Exception:  # noqa: BLE001 - the exporter thread must survive anything
+                _logger.warning("otel_llm: failed to record step telemetry", exc_info=True)
+            finally:
+                self._queue.task_done()
+
+    def _finite_gauges(self, publication: Publication) -> dict[str, tuple[tuple[Mapping[str, str], float], ...]]:
+        gauges: dict[str, tuple[tuple[Mapping[str, str], float], ...]] = {}
+        for name, points in publication.gauges.items():
+            kept = tuple((attrs, float(value)) for attrs, value in points if math.isfinite(value))
+            if len(kept) < len(points):
+                self.count_nonfinite(name)
+            if kept:
+                gauges[name] = kept
+        return gauges
+
+    def _record(self, publication: Publication) -> None:
+        sync = self._sync
+        if publication.steps:
+            sync[TRAIN_STEPS].add(publication.steps)
+        if publication.tokens:
+            sync[TRAIN_TOKENS].add(publication.tokens)
+        for duration in publication.durations:
+            sync[TRAIN_STEP_DURATION].record(duration)
+        if not publication.sampled:
+            return
+        sync[TELEMETRY_SAMPLED_STEPS].add(1)
+        tokens = publication.values.get(LOSS_TOKEN)
+        if tokens is not None:
+            valid = publication.values[TOKEN_SAMPLE_VALID]
+            values = [float(v) for v, ok in zip(tokens, valid) if ok]
+            finite = [v for v in values if math.isfinite(v) and v >= 0]
+            if len(finite) < len(values):
+                self.count_nonfinite(LOSS_TOKEN)
+            for value in finite:
+                sync[LOSS_TOKEN].record(value)
+        if publication.overhead is not None:
+            sync[TELEMETRY_OVERHEAD].record(publication.overhead)
+        self._snapshot = Snapshot(publication.step, self._finite_gauges(publication))

@@ -1,0 +1,110 @@
+"""Token counting from the model's forward calls, and finding that model in zero-code mode.
+
+In zero-code mode the model is unknown: two global module hooks track call
+depth, count tokens at every outermost training forward and remember those
+modules; once the optimizer is known, the outermost module that owns its
+parameters is adopted, the global hooks are removed and a single forward hook
+stays on that model.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+import torch
+from torch.nn.modules import module as nn_module
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["TokenCounter"]
+
+
+def _count(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | torch.Tensor | None:
+    """Non-padding tokens of one forward call: attention_mask.sum() when given, else input_ids.numel()."""
+    ids = kwargs.get("input_ids")
+    if ids is None:
+        ids = next((a for a in args if isinstance(a, torch.Tensor) and not a.is_floating_point()), None)
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and ids is not None and mask.shape == ids.shape:
+        return mask.sum()
+    if isinstance(ids, torch.Tensor):
+        return ids.numel()
+    embeds = kwargs.get("inputs_embeds")
+    if isinstance(embeds, torch.Tensor) and embeds.dim() >= 2:
+        return embeds.shape[0] * embeds.shape[1]
+    return None
+
+
+class TokenCounter:
+    """Accumulates tokens of training forward passes until ``take()`` reads them."""
+
+    def __init__(self) -> None:
+        self._host = 0
+        self._device: torch.Tensor | None = None
+        self._handles: list[RemovableHandle] = []
+        self._depth = threading.local()
+        self._roots: list[weakref.ref[torch.nn.Module]] = []
+        self.model: weakref.ref[torch.nn.Module] | None = None
+
+    def _add(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        count = _count(args, kwargs)
+        if isinstance(count, torch.Tensor):
+            self._device = count if self._device is None else self._device + count.to(self._device.device)
+        elif count is not None:
+            self._host += count
+
+    def _on_model_forward(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                          output: Any) -> None:
+        if module.training and torch.is_grad_enabled():
+            self._add(args, kwargs)
+
+    def attach(self, model: torch.nn.Module) -> None:
+        """Count the tokens of ``model``'s training forward calls."""
+        self.detach()
+        self.model = weakref.ref(model)
+        self._handles.append(model.register_forward_hook(self._on_model_forward, with_kwargs=True))
+
+    # -- zero-code discovery -------------------------------------------------
+    def discover(self) -> None:
+        """Install the global depth-tracking hooks until :meth:`adopt` finds the model."""
+        self.detach()
+        self._handles.append(nn_module.register_module_forward_pre_hook(self._on_enter))
+        self._handles.append(nn_module.register_module_forward_hook(self._on_exit, with_kwargs=True,
+                                                                    always_call=True))
+
+    def _on_enter(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        self._depth.value = getattr(self._depth, "value", 0) + 1
+
+    def _on_exit(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        depth = getattr(self._depth, "value", 1) - 1
+        self._depth.value = max(depth, 0)
+        if depth == 0 and module.training and torch.is_grad_enabled():
+            self._add(args, kwargs)
+            if not any(ref() is module for ref in self._roots):
+                self._roots.append(weakref.ref(module))
+
+    def adopt(self, params: list[torch.Tensor]) -> torch.nn.Module | None:
+        """Pick the outermost module seen that owns any of ``params`` and keep only its hook."""
+        wanted = {id(p) for p in params}
+        for ref in reversed(self._roots):
+            module = ref()
+            if module is not None and any(id(p) in wanted for p in module.parameters()):
+                self.attach(module)
+                self._roots.clear()
+                return module
+        self.detach()
+        self._roots.clear()
+        return None
+
+    def take(self) -> tuple[int, torch.Tensor | None]:
+        """Tokens counted since the last take: a host part and a device part."""
+        host, device = self._host, self._device
+        self._host, self._device = 0, None
+        return host, device
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.model = None

@@ -1,0 +1,184 @@
+"""The MeterProvider: catalog Views, a Prometheus pull reader and an OTLP push reader.
+
+Built so the export path can never hurt training:
+
+* the Prometheus endpoint binds loopback unless configured, local rank k uses
+  base port + k, and a port held by another process degrades to OTLP only with
+  one warning (never a silent no-op provider);
+* the OTLP exporter is wrapped so a forked child (DataLoader worker) never
+  exports the parent's copied state;
+* flushes touch the OTLP reader only (a provider-wide flush makes the
+  Prometheus reader emit duplicate series), and shutdown is bounded in time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    MetricExporter,
+    MetricExportResult,
+    MetricReader,
+    MetricsData,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.resources import Resource
+
+from otel_llm import _prometheus_server
+from otel_llm.catalog import MetricSpec
+from otel_llm.config import Config
+from otel_llm.rank import RankInfo, rank_info
+from otel_llm.views import build_views
+
+__all__ = ["ProviderBundle", "build_provider", "run_bounded"]
+
+_logger = logging.getLogger(__name__)
+
+RANK_RESOURCE_KEYS = ("llm.rank", "llm.world_size")
+"""Resource attributes promoted to labels on every Prometheus series."""
+
+
+def run_bounded(action: Callable[[], object], timeout: float, what: str) -> bool:
+    """Run ``action`` on a daemon thread and wait at most ``timeout`` seconds; never raises."""
+    outcome: list[bool] = []
+
+    def target() -> None:
+        try:
+            action()
+            outcome.append(True)
+        except Exception:  # noqa: BLE001 - exporters must not raise into training
+            _logger.warning("otel_llm: %s failed", what, exc_info=True)
+            outcome.append(False)
+
+    worker = threading.Thread(target=target, name=f"otel_llm-{what}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        _logger.warning("otel_llm: %s did not finish within %.1f s; abandoned", what, timeout)
+        return False
+    return bool(outcome and outcome[0])
+
+
+class ForkSafeExporter(MetricExporter):
+    """Delegates to ``inner`` only in the process that created it; forked children export nothing."""
+
+    def __init__(self, inner: MetricExporter) -> None:
+        super().__init__(preferred_temporality=inner._preferred_temporality,
+                         preferred_aggregation=inner._preferred_aggregation)
+        self._inner = inner
+        self._pid = os.getpid()
+
+    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: object) -> MetricExportResult:
+        if os.getpid() != self._pid:
+            return MetricExportResult.SUCCESS
+        return self._inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return os.getpid() != self._pid or self._inner.force_flush(timeout_millis)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: object) -> None:
+        if os.getpid() == self._pid:
+            self._inner.shutdown(timeout_millis=timeout_millis, **kwargs)
+
+
+def _otlp_exporter() -> MetricExporter:
+    protocol = (os.environ.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL")
+                or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip().lower()
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    elif protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter  # type: ignore[assignment]
+    else:
+        _logger.warning("otel_llm: unsupported OTLP protocol %r; using grpc", protocol)
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    return OTLPMetricExporter()
+
+
+def build_resource(config: Config, ranks: RankInfo) -> Resource:
+    """service.name (OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win), llm.rank, llm.world_size."""
+    resource = Resource.create({"llm.rank": ranks.rank, "llm.world_size": ranks.world_size})
+    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": config.service_name}))
+    return resource
+
+
+@dataclass
+class ProviderBundle:
+    """A MeterProvider and the readers otel_llm attached to it."""
+
+    provider: MeterProvider
+    otlp_reader: MetricReader | None = None
+    prometheus_endpoint: tuple[str, int] | None = None
+    extra_readers: list[MetricReader] = field(default_factory=list)
+    _closed: bool = False
+
+    @property
+    def prometheus_url(self) -> str | None:
+        """``http://host:port/metrics`` of the pull endpoint, when one is served."""
+        if self.prometheus_endpoint is None:
+            return None
+        host, port = self.prometheus_endpoint
+        return f"http://{host}:{port}/metrics"
+
+    def flush(self, timeout: float) -> bool:
+        """Push the OTLP reader now (never the Prometheus one), within ``timeout`` seconds."""
+        if self.otlp_reader is None or self._closed:
+            return True
+        reader = self.otlp_reader
+        return run_bounded(lambda: reader.force_flush(timeout_millis=timeout * 1000), timeout, "flush")
+
+    def shutdown(self, timeout: float) -> bool:
+        """Final OTLP push and reader shutdown, bounded by ``timeout`` seconds; idempotent."""
+        if self._closed:
+            return True
+        self._closed = True
+        provider = self.provider
+        done = run_bounded(lambda: provider.shutdown(timeout_millis=timeout * 1000), timeout, "shutdown")
+        if self.prometheus_endpoint is not None:
+            _prometheus_server.release(*self.prometheus_endpoint)
+        return done
+
+
+def _prometheus_reader(config: Config, ranks: RankInfo) -> tuple[MetricReader, tuple[str, int]] | None:
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+    port = config.prometheus_port + ranks.local_rank if config.prometheus_port else 0
+    try:
+        bound = _prometheus_server.acquire(config.prometheus_host, port)
+    except OSError as exc:
+        _logger.warning(
+            "otel_llm: cannot serve Prometheus on %s:%d (%s); exporting through OTLP only. "
+            "Set OTEL_EXPORTER_PROMETHEUS_PORT to a free base port (local rank k uses base + k).",
+            config.prometheus_host, port, exc.strerror or exc)
+        return None
+    reader = PrometheusMetricReader(resource_attribute_filter=lambda key: key in RANK_RESOURCE_KEYS)
+    return reader, (config.prometheus_host, bound)
+
+
+def build_provider(config: Config, extra_specs: Iterable[MetricSpec] = (),
+                   extra_readers: Iterable[MetricReader] = ()) -> ProviderBundle:
+    """A MeterProvider with catalog Views and the readers ``config.exporters`` selects.
+
+    ``extra_readers`` (e.g. an InMemoryMetricReader in tests) are attached as well.
+    """
+    ranks = rank_info()
+    readers: list[MetricReader] = list(extra_readers)
+    otlp_reader = None
+    endpoint = None
+    if "prometheus" in config.exporters:
+        served = _prometheus_reader(config, ranks)
+        if served is not None:
+            readers.append(served[0])
+            endpoint = served[1]
+    if "otlp" in config.exporters:
+        otlp_reader = PeriodicExportingMetricReader(
+            ForkSafeExporter(_otlp_exporter()), export_interval_millis=config.export_interval_ms)
+        readers.append(otlp_reader)
+    provider = MeterProvider(metric_readers=readers, resource=build_resource(config, ranks),
+                             views=build_views(config, extra_specs), shutdown_on_exit=False)
+    return ProviderBundle(provider, otlp_reader, endpoint, list(extra_readers))

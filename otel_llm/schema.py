@@ -1,0 +1,122 @@
+"""User-declared metrics: the ``OTEL_LLM_SCHEMA`` YAML file and runtime registration.
+
+A schema file lets a team add its own metrics beside the built-in catalog with
+the same guarantees (legal names, explicit buckets, bounded attributes)::
+
+    metrics:
+      - name: llm.custom.reward
+        instrument: gauge          # counter | up_down_counter | histogram | gauge
+        unit: "1"
+        description: Mean reward of the step.
+        attributes: [llm.custom.env]
+        buckets: [0.1, 0.5, 1.0]   # histograms only
+
+Every rule violation raises :class:`SchemaError` at start-up naming the file,
+the entry and the rule, so a broken schema never half-loads.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from otel_llm.catalog import CATALOG, MetricSpec, prometheus_name
+
+__all__ = ["SCHEMA_INSTRUMENTS", "SchemaError", "load_schema", "validate_spec"]
+
+SCHEMA_INSTRUMENTS = ("counter", "up_down_counter", "histogram", "gauge")
+"""Instrument kinds a user metric may declare (all recorded synchronously)."""
+
+_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*(\.[a-zA-Z0-9_]+)*$")
+_RESERVED_SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_created", "_info", "_gsum", "_gcount")
+_KEYS = {"name", "instrument", "unit", "description", "attributes", "buckets"}
+
+
+class SchemaError(ValueError):
+    """A user metric declaration breaks a rule; the message names file, entry and rule."""
+
+
+def _fail(source: str, entry: str, rule: str) -> SchemaError:
+    return SchemaError(f"otel_llm schema {source}: entry {entry}: {rule}")
+
+
+def validate_spec(raw: Mapping[str, Any], *, source: str = "<register>", entry: str = "",
+                  taken: Mapping[str, str] | None = None) -> MetricSpec:
+    """Turn one declaration into a :class:`MetricSpec`, or raise :class:`SchemaError`."""
+    if not isinstance(raw, Mapping):
+        raise _fail(source, entry or repr(raw), "each entry must be a mapping with at least name and instrument")
+    name = raw.get("name")
+    label = entry or repr(name)
+    unknown = sorted(set(raw) - _KEYS)
+    if unknown:
+        raise _fail(source, label, f"unknown keys {unknown}; allowed: {sorted(_KEYS)}")
+    if not isinstance(name, str) or not _NAME.match(name) or len(name) > 255:
+        raise _fail(source, label, f"name {name!r} is not a legal OpenMetrics name "
+                                   "(letters, digits and underscores, dot-separated, not starting with a digit)")
+    if name.replace(".", "_").endswith(_RESERVED_SUFFIXES):
+        raise _fail(source, label, f"name {name!r} ends with a suffix OpenMetrics reserves ({', '.join(_RESERVED_SUFFIXES)})")
+    instrument = raw.get("instrument")
+    if instrument not in SCHEMA_INSTRUMENTS:
+        raise _fail(source, label, f"unknown instrument {instrument!r}; use one of {', '.join(SCHEMA_INSTRUMENTS)}")
+    unit = str(raw.get("unit", "1"))
+    description = str(raw.get("description", ""))
+    attributes = raw.get("attributes", []) or []
+    if not isinstance(attributes, Sequence) or isinstance(attributes, str):
+        raise _fail(source, label, "attributes must be a list of attribute keys")
+    for key in attributes:
+        if not isinstance(key, str) or not _NAME.match(key):
+            raise _fail(source, label, f"attribute key {key!r} is not a legal label name")
+    buckets = raw.get("buckets")
+    if buckets is not None:
+        if instrument != "histogram":
+            raise _fail(source, label, "buckets are only allowed on histograms")
+        if not isinstance(buckets, Sequence) or isinstance(buckets, str) or not buckets:
+            raise _fail(source, label, "buckets must be a non-empty list of numbers")
+        try:
+            values = [float(b) for b in buckets]
+        except (TypeError, ValueError):
+            raise _fail(source, label, f"buckets must be numbers, got {list(buckets)!r}") from None
+        if not all(math.isfinite(v) for v in values):
+            raise _fail(source, label, f"buckets must be finite, got {list(buckets)!r}")
+        if any(low >= high for low, high in zip(values, values[1:])):
+            raise _fail(source, label, f"buckets must be strictly increasing, got {list(buckets)!r}")
+        buckets = tuple(values)
+    promname = prometheus_name(name, unit, instrument)
+    for other, other_prom in (taken or {}).items():
+        if name == other or promname == other_prom:
+            raise _fail(source, label, f"name {name!r} clashes with {other!r}")
+    return MetricSpec(name, instrument, unit, description, tuple(attributes), buckets)
+
+
+def builtin_names() -> dict[str, str]:
+    """Catalog names mapped to their Prometheus series names, the names a user metric may not take."""
+    return {spec.name: prometheus_name(spec.name, spec.unit, spec.instrument) for spec in CATALOG}
+
+
+def load_schema(path: str | Path) -> tuple[MetricSpec, ...]:
+    """Parse and validate a schema file; raise :class:`SchemaError` on the first broken rule."""
+    import yaml
+
+    source = str(path)
+    try:
+        document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SchemaError(f"otel_llm schema {source}: cannot read the file ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise SchemaError(f"otel_llm schema {source}: not valid YAML ({exc})") from None
+    if document is None:
+        return ()
+    if not isinstance(document, Mapping) or not isinstance(document.get("metrics", []), list):
+        raise SchemaError(f"otel_llm schema {source}: the top level must be a mapping with a 'metrics' list")
+    taken = builtin_names()
+    specs: list[MetricSpec] = []
+    for index, raw in enumerate(document.get("metrics") or []):
+        name = raw.get("name") if isinstance(raw, Mapping) else None
+        entry = f"#{index} ({name})" if name else f"#{index}"
+        spec = validate_spec(raw, source=source, entry=entry, taken=taken)
+        taken[spec.name] = prometheus_name(spec.name, spec.unit, spec.instrument)
+        specs.append(spec)
+    return tuple(specs)

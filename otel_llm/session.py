@@ -1,0 +1,388 @@
+"""The instrumentation session: step clock, probes and publishing for one training run.
+
+A step is the span between two optimizer steps. Whether step t is sampled is
+known before its forward pass; on a sampled step the probes keep device
+tensors, and the optimizer post-step hook publishes them with one transfer.
+Non-sampled steps cost a few Python attribute reads per hook.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.utils.hooks import RemovableHandle
+
+from otel_llm.catalog import (
+    ATTR_DEVICE,
+    ATTR_PARAM_GROUP,
+    GRAD_SPARSITY,
+    LOGITS_Z_LOSS,
+    LOSS_TOKEN,
+    LOSS_TOKEN_SKEWNESS,
+    MEMORY_PRESSURE,
+    PARAM_UPDATE_RATIO,
+    PARAM_UPDATE_VARIANCE_RATIO,
+    TELEMETRY_SAMPLING_INTERVAL,
+    TRAIN_LEARNING_RATE,
+    TRAIN_LOSS,
+    MetricSpec,
+)
+from otel_llm.config import Config
+from otel_llm.instruments import Publisher, create_instrument
+from otel_llm.probes import cross_entropy
+from otel_llm.probes.loss import TOKEN_SAMPLE_VALID, LossProbe
+from otel_llm.probes.memory import memory_pressure
+from otel_llm.probes.optimizer import OptimizerProbe, trainable_params
+from otel_llm.probes.tokens import TokenCounter
+from otel_llm.probes.update_sample import CoordinateSample
+from otel_llm.provider import ProviderBundle, build_provider
+from otel_llm.rank import rank_info
+from otel_llm.sampler import make_sampler
+from otel_llm.schema import builtin_names, load_schema, validate_spec
+from otel_llm.snapshot import Publication, transfer
+from otel_llm.version import __version__
+
+__all__ = ["Instrumentation", "active"]
+
+_logger = logging.getLogger(__name__)
+
+_VECTOR_VALUES = (LOSS_TOKEN, TOKEN_SAMPLE_VALID)
+_LOSS_FAMILY = (TRAIN_LOSS, LOSS_TOKEN, LOSS_TOKEN_SKEWNESS, LOGITS_Z_LOSS)
+_UPDATE_FAMILY = (PARAM_UPDATE_RATIO, PARAM_UPDATE_VARIANCE_RATIO)
+_TOKENS_KEY = "#tokens"
+
+_sessions: weakref.WeakSet[Instrumentation] = weakref.WeakSet()
+_forked = False
+
+
+def active() -> Instrumentation | None:
+    """The most recently started session that is still running."""
+    live = [s for s in _sessions if not s.closed]
+    return max(live, key=lambda s: s._started) if live else None
+
+
+def _after_fork_in_child() -> None:
+    global _forked
+    _forked = True
+
+
+def _shutdown_all() -> None:
+    for session in list(_sessions):
+        session.shutdown()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_shutdown_all)
+
+
+def _distributed_all_reduce() -> Callable[[torch.Tensor], None] | None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return lambda tensor: dist.all_reduce(tensor)
+    return None
+
+
+class Instrumentation:
+    """A running otel_llm session; returned by :func:`otel_llm.instrument`.
+
+    Use it as a context manager or call :meth:`shutdown`. Hooks never raise into
+    the training loop: a failing probe is logged once and skipped for the step.
+    """
+
+    def __init__(self, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None, *,
+                 config: Config | None = None, meter_provider: MeterProvider | None = None,
+                 bundle: ProviderBundle | None = None, extra_readers: Iterable[MetricReader] = ()) -> None:
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.config = config if config is not None else Config()
+        schema = load_schema(self.config.schema_path) if self.config.schema_path else ()
+        if bundle is not None:
+            self._bundle, self._owns_provider = bundle, True
+        elif meter_provider is not None:
+            self._bundle, self._owns_provider = ProviderBundle(meter_provider), False  # type: ignore[arg-type]
+        else:
+            self._bundle, self._owns_provider = build_provider(self.config, schema, extra_readers), True
+        meter = self._bundle.provider.get_meter("otel_llm", __version__)
+        self._meter = meter
+        self._publisher = Publisher(meter)
+        self._custom: dict[str, tuple[MetricSpec, Any]] = {}
+        for spec in schema:
+            self._custom[spec.name] = (spec, create_instrument(meter, spec))
+
+        cfg = self.config
+        self._sampler = make_sampler(cfg.sampling, cfg.sampling_interval)
+        self._want_loss = not all(cfg.is_disabled(n) for n in _LOSS_FAMILY)
+        self._loss = LossProbe(cfg.token_loss_samples, seed=cfg.update_sample_seed)
+        sample = CoordinateSample(cfg.update_sample_size, cfg.update_sample_seed, rank_info().world_size,
+                                  _distributed_all_reduce())
+        self._optim = OptimizerProbe(cfg.grad_sparsity_threshold, sample,
+                                     updates=not all(cfg.is_disabled(n) for n in _UPDATE_FAMILY))
+        self._tokens = TokenCounter()
+        self._handles: list[RemovableHandle] = []
+        self._optimizer: weakref.ref[torch.optim.Optimizer] | None = None
+        self._step = 0
+        self._sampled = self._sampler.is_sampled(0)
+        self._pending_steps = 0
+        self._durations: list[float] = []
+        self._last_step_end: float | None = None
+        self._overhead = 0.0
+        self._failed: set[str] = set()
+        self._lock = threading.Lock()
+        self._started = time.monotonic()
+        self.closed = False
+
+        if self._want_loss:
+            cross_entropy.add_listener(self._on_cross_entropy)
+        if optimizer is not None:
+            self._adopt(optimizer)
+            self._handles.append(optimizer.register_step_pre_hook(self._on_pre_step))
+            self._handles.append(optimizer.register_step_post_hook(self._on_post_step))
+        else:
+            self._handles.append(register_optimizer_step_pre_hook(self._on_pre_step))
+            self._handles.append(register_optimizer_step_post_hook(self._on_post_step))
+        self._model_resolved = model is not None
+        if model is not None:
+            self._tokens.attach(model)
+        else:
+            self._tokens.discover()
+        _sessions.add(self)
+
+    # -- public surface ---------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """Optimizer steps seen so far."""
+        return self._step
+
+    @property
+    def meter_provider(self) -> MeterProvider:
+        return self._bundle.provider
+
+    @property
+    def prometheus_url(self) -> str | None:
+        """The scrape URL of this session's Prometheus endpoint, if it serves one."""
+        return self._bundle.prometheus_url
+
+    def attach(self, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Point an existing session at a model/optimizer (e.g. an explicit call under zero-code)."""
+        if model is not None and self._tokens.model is None:
+            self._tokens.attach(model)
+            self._model_resolved = True
+        if optimizer is not None:
+            if self._optimizer is None:
+                self._adopt(optimizer)
+            elif self._optimizer() is not optimizer:
+                _logger.warning("otel_llm: already following another optimizer; ignoring the new one")
+
+    def record_loss(self, loss: float | torch.Tensor) -> None:
+        """Report the step's training loss from a custom loop (overrides the intercepted loss)."""
+        if self._sampled and not self.closed:
+            self._loss.record_manual_loss(loss)
+
+    def record_kv_cache(self, reused: int, added: int) -> None:
+        """Report one KV-cache update: ``reused`` entries served from cache, ``added`` newly computed."""
+        self._publisher.record_kv_cache(int(reused), int(added))
+
+    def register(self, name: str, instrument: str, *, unit: str = "1", description: str = "",
+                 attributes: Iterable[str] = (), buckets: Iterable[float] | None = None) -> MetricSpec:
+        """Declare a custom metric at run time (same rules as the schema file); returns its spec."""
+        raw: dict[str, Any] = {"name": name, "instrument": instrument, "unit": unit,
+                               "description": description, "attributes": list(attributes)}
+        if buckets is not None:
+            raw["buckets"] = list(buckets)
+        taken = builtin_names()
+        taken.update({n: n.replace(".", "_") for n in self._custom})
+        spec = validate_spec(raw, source="register()", entry=repr(name), taken=taken)
+        self._custom[spec.name] = (spec, create_instrument(self._meter, spec))
+        return spec
+
+    def record(self, name: str, value: float, attributes: Mapping[str, str] | None = None) -> None:
+        """Record a value of a schema-declared or registered metric; NaN/Inf are counted, not sent."""
+        entry = self._custom.get(name)
+        if entry is None:
+            raise ValueError(f"unknown custom metric {name!r}: declare it in OTEL_LLM_SCHEMA or register() it")
+        spec, instrument = entry
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            self._publisher.count_nonfinite(name)
+            return
+        attrs = dict(attributes or {})
+        if spec.instrument == "counter":
+            if value < 0:
+                raise ValueError(f"{name} is a counter; it cannot decrease by {value}")
+            instrument.add(value, attrs)
+        elif spec.instrument == "up_down_counter":
+            instrument.add(value, attrs)
+        elif spec.instrument == "histogram":
+            if value < 0:
+                raise ValueError(f"{name} is a histogram; negative values are not representable")
+            instrument.record(value, attrs)
+        else:
+            instrument.set(value, attrs)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Publish pending counters and push OTLP now; bounded by ``timeout`` (default: config)."""
+        limit = self.config.shutdown_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        with self._lock:
+            if self._pending_steps or self._durations:
+                self._publish(sampled=False, values={})
+        drained = self._publisher.drain(max(0.0, deadline - time.monotonic()))
+        if not self._owns_provider:
+            return drained
+        return self._bundle.flush(max(0.05, deadline - time.monotonic())) and drained
+
+    def shutdown(self) -> None:
+        """Remove every hook, publish what is pending and close the exporters; idempotent and bounded."""
+        if self.closed:
+            return
+        self.closed = True
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._tokens.detach()
+        cross_entropy.remove_listener(self._on_cross_entropy)
+        if _forked:
+            return
+        deadline = time.monotonic() + self.config.shutdown_timeout
+        with self._lock:
+            if self._pending_steps or self._durations:
+                self._publish(sampled=False, values={})
+        self._publisher.close(max(0.0, deadline - time.monotonic()) / 2)
+        if self._owns_provider:
+            self._bundle.shutdown(max(0.05, deadline - time.monotonic()))
+
+    def __enter__(self) -> Instrumentation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # -- hooks ------------------------------------------------------------------
+    def _fail(self, probe: str) -> None:
+        if probe not in self._failed:
+            self._failed.add(probe)
+            _logger.warning("otel_llm: probe %s failed and is skipped for this step", probe, exc_info=True)
+
+    def _on_cross_entropy(self, input: torch.Tensor, target: torch.Tensor, options: dict[str, Any],
+                          result: torch.Tensor) -> None:
+        if not self._sampled or _forked or not input.requires_grad:
+            return
+        started = time.perf_counter()
+        try:
+            self._loss.on_call(input, target, options, result)
+        except Exception:  # noqa: BLE001 - never raise into the training loop
+            self._fail("loss")
+            self._loss.reset()
+        self._overhead += time.perf_counter() - started
+
+    def _adopt(self, optimizer: torch.optim.Optimizer) -> None:
+        self._optimizer = weakref.ref(optimizer)
+
+    def _resolve_model(self, optimizer: torch.optim.Optimizer) -> None:
+        """At the first step, keep token counting on the model that owns the optimizer's parameters."""
+        self._model_resolved = True
+        if self._tokens.adopt(trainable_params(optimizer)) is None:
+            _logger.info("otel_llm: no model owning the optimizer's parameters was seen; "
+                         "llm.train.tokens needs instrument(model=...)")
+
+    def _owns(self, optimizer: torch.optim.Optimizer) -> bool:
+        if self._optimizer is None:
+            self._adopt(optimizer)
+            return True
+        return self._optimizer() is optimizer
+
+    def _on_pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if _forked or not self._owns(optimizer):
+            return
+        if not self._model_resolved:
+            self._resolve_model(optimizer)
+        next_sampled = self._sampler.is_sampled(self._step + 1)
+        if not (self._sampled or next_sampled):
+            return
+        started = time.perf_counter()
+        try:
+            self._optim.pre_step(optimizer, self._step, self._sampled, next_sampled)
+        except Exception:  # noqa: BLE001
+            self._fail("optimizer")
+            self._optim.reset()
+        self._overhead += time.perf_counter() - started
+
+    def _on_post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if _forked or self._optimizer is None or self._optimizer() is not optimizer:
+            return
+        now = time.perf_counter()
+        with self._lock:
+            if self._last_step_end is not None:
+                self._durations.append(now - self._last_step_end)
+            self._pending_steps += 1
+            if self._sampled:
+                values: dict[str, torch.Tensor] = {}
+                try:
+                    values.update(self._optim.post_step(optimizer))
+                except Exception:  # noqa: BLE001
+                    self._fail("optimizer")
+                try:
+                    values.update(self._loss.finish())
+                except Exception:  # noqa: BLE001
+                    self._fail("loss")
+                    self._loss.reset()
+                try:
+                    self._publish(sampled=True, values=values, started=now)
+                except Exception:  # noqa: BLE001
+                    self._fail("publish")
+            self._step += 1
+            self._sampled = self._sampler.is_sampled(self._step)
+            self._overhead = 0.0
+            self._last_step_end = time.perf_counter()
+
+    # -- publishing -------------------------------------------------------------
+    def _publish(self, sampled: bool, values: dict[str, torch.Tensor], started: float | None = None) -> None:
+        host_tokens, device_tokens = self._tokens.take()
+        if device_tokens is not None:
+            values[_TOKENS_KEY] = device_tokens
+        host = transfer(values) if values else {}
+        tokens = host_tokens + (int(host.pop(_TOKENS_KEY)[0]) if _TOKENS_KEY in host else 0)
+        publication = Publication(step=self._step, sampled=sampled, steps=self._pending_steps, tokens=tokens,
+                                  durations=self._durations)
+        self._pending_steps = 0
+        self._durations = []
+        if sampled:
+            for name, array in host.items():
+                if name in _VECTOR_VALUES:
+                    publication.values[name] = array
+                else:
+                    attrs = {ATTR_PARAM_GROUP: "all"} if name == GRAD_SPARSITY else {}
+                    publication.gauges[name] = ((attrs, float(array[0])),)
+            self._host_gauges(publication)
+            if started is not None:
+                publication.overhead = self._overhead + time.perf_counter() - started
+        self._publisher.submit(publication)
+
+    def _host_gauges(self, publication: Publication) -> None:
+        optimizer = self._optimizer() if self._optimizer is not None else None
+        if optimizer is None:
+            return
+        publication.gauges[TRAIN_LEARNING_RATE] = tuple(
+            ({ATTR_PARAM_GROUP: str(index)}, float(group["lr"]))
+            for index, group in enumerate(optimizer.param_groups) if "lr" in group)
+        params = trainable_params(optimizer)
+        if params:
+            device = params[0].device
+            pressure = memory_pressure(device)
+            if pressure is not None:
+                publication.gauges[MEMORY_PRESSURE] = (({ATTR_DEVICE: str(device)}, pressure),)
+        publication.gauges[TELEMETRY_SAMPLING_INTERVAL] = (({}, float(self._sampler.interval)),)
