@@ -265,6 +265,10 @@ class VictoriaMetrics(_BackendProcess):
     binary_name = "victoria-metrics"
     ready_path = "/health"
 
+    def __init__(self, extra_args: Sequence[str] = (), *, prometheus_naming: bool = True) -> None:
+        super().__init__(extra_args)
+        self.prometheus_naming = prometheus_naming
+
     def _argv(self, binary: pathlib.Path) -> list[str]:
         assert self.workdir is not None
         return [
@@ -272,7 +276,7 @@ class VictoriaMetrics(_BackendProcess):
             f"-httpListenAddr=127.0.0.1:{self.port}",
             f"-storageDataPath={self.workdir / 'data'}",
             "-retentionPeriod=1d",
-            "-opentelemetry.usePrometheusNaming",
+            *(["-opentelemetry.usePrometheusNaming"] if self.prometheus_naming else []),
             # Make samples visible to queries as soon as they are ingested.
             "-search.latencyOffset=0s",
             "-search.disableCache",
