@@ -20,11 +20,17 @@ from torch.utils.hooks import RemovableHandle
 __all__ = ["TokenCounter"]
 
 
+_ID_NAMES = ("input_ids", "idx", "tokens", "input")
+_LABEL_NAMES = ("labels", "targets", "target", "attention_mask", "position_ids")
+
+
 def _count(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | torch.Tensor | None:
     """Non-padding tokens of one forward call: attention_mask.sum() when given, else input_ids.numel()."""
-    ids = kwargs.get("input_ids")
+    ids = next((kwargs[k] for k in _ID_NAMES if isinstance(kwargs.get(k), torch.Tensor)), None)
     if ids is None:
-        ids = next((a for a in args if isinstance(a, torch.Tensor) and not a.is_floating_point()), None)
+        candidates = [*args, *(v for k, v in kwargs.items() if k not in _LABEL_NAMES)]
+        ids = next((a for a in candidates if isinstance(a, torch.Tensor) and not a.is_floating_point()
+                    and a.dtype != torch.bool), None)
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and ids is not None and mask.shape == ids.shape:
         return mask.sum()

@@ -1,0 +1,46 @@
+"""The ``otel-llm`` command: inspect the metric catalog."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from otel_llm.catalog import CATALOG
+from otel_llm.docs import config_table, metric_table, threshold_table
+
+__all__ = ["main"]
+
+
+def _table() -> str:
+    header = ("name", "instrument", "unit", "attributes", "buckets")
+    rows = [header] + [
+        (s.name, s.instrument, s.unit, ",".join(s.attributes) or "-",
+         ",".join(f"{b:g}" for b in s.buckets) if s.buckets else "-") for s in CATALOG]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="otel-llm", description="otel_llm: LLM training signals as OTel metrics")
+    commands = parser.add_subparsers(dest="command", required=True)
+    catalog = commands.add_parser("catalog", help="print the metric catalog")
+    catalog.add_argument("--format", choices=("table", "json", "markdown"), default="table")
+    docs = commands.add_parser("docs", help="print a README table rendered from the code")
+    docs.add_argument("table", choices=("metrics", "thresholds", "config"))
+    args = parser.parse_args(argv)
+    if args.command == "catalog":
+        if args.format == "json":
+            print(json.dumps([spec.to_json() for spec in CATALOG], indent=2))
+        elif args.format == "markdown":
+            print(metric_table())
+        else:
+            print(_table())
+    else:
+        print({"metrics": metric_table, "thresholds": threshold_table, "config": config_table}[args.table]())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
