@@ -64,6 +64,6 @@ def remove_listener(listener: CrossEntropyCall) -> None:
     """Stop delivering to ``listener``; the last removal restores the original function."""
     global _listeners
     with _lock:
-        _listeners = [item for item in _listeners if item is not listener]
+        _listeners = [item for item in _listeners if item != listener]  # bound methods compare by ==
         if not _listeners and F.cross_entropy is _intercepted:
             F.cross_entropy = original_cross_entropy
