@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 import pathlib
-import sys
 import time
 
 import torch
@@ -117,4 +116,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    sys.stdout.flush()
