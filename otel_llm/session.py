@@ -277,9 +277,14 @@ class Instrumentation:
             self._failed.add(probe)
             _logger.warning("otel_llm: probe %s failed and is skipped for this step", probe, exc_info=True)
 
-    def _on_cross_entropy(self, input: torch.Tensor, target: torch.Tensor, options: dict[str, Any],
-                          result: torch.Tensor) -> None:
-        if not self._sampled or _forked or not input.requires_grad:
+    def _on_cross_entropy(self, args: tuple[Any, ...], kwargs: dict[str, Any], result: torch.Tensor) -> None:
+        if not self._sampled or _forked:
+            return
+        try:
+            input, target, options = cross_entropy.bind(*args, **kwargs)
+        except TypeError:  # a call shape the original accepted but we cannot read: not ours to judge
+            return
+        if not isinstance(input, torch.Tensor) or not input.requires_grad:
             return
         started = time.perf_counter()
         try:

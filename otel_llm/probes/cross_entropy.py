@@ -3,7 +3,8 @@
 Hugging Face models, ``nn.CrossEntropyLoss`` and plain scripts all look the
 function up on ``torch.nn.functional`` at call time, so wrapping that attribute
 sees every training loss without touching the model. The wrapper returns the
-original result untouched; listeners see (input, target, bound kwargs, result).
+original result untouched; listeners see the raw (args, kwargs, result) and call
+:func:`bind` only when they want the call, so non-sampled steps stay cheap.
 """
 
 from __future__ import annotations
@@ -16,19 +17,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CrossEntropyCall", "add_listener", "original_cross_entropy", "remove_listener"]
+__all__ = ["CrossEntropyCall", "add_listener", "bind", "original_cross_entropy", "remove_listener"]
 
-CrossEntropyCall = Callable[[torch.Tensor, torch.Tensor, dict[str, Any], torch.Tensor], None]
+CrossEntropyCall = Callable[[tuple[Any, ...], dict[str, Any], torch.Tensor], None]
 
 original_cross_entropy = F.cross_entropy
 _listeners: list[CrossEntropyCall] = []
 _lock = threading.Lock()
 
 
-def _bind(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
-          size_average: bool | None = None, ignore_index: int = -100, reduce: bool | None = None,
-          reduction: str = "mean", label_smoothing: float = 0.0
-          ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+def bind(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+         size_average: bool | None = None, ignore_index: int = -100, reduce: bool | None = None,
+         reduction: str = "mean", label_smoothing: float = 0.0
+         ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Mirror of cross_entropy's signature: (input, target, normalised options)."""
     if size_average is not None or reduce is not None:
         from torch.nn import _reduction
@@ -43,12 +44,8 @@ def _intercepted(*args: Any, **kwargs: Any) -> torch.Tensor:
     result = original_cross_entropy(*args, **kwargs)
     listeners = _listeners
     if listeners and torch.is_grad_enabled():
-        try:
-            input, target, options = _bind(*args, **kwargs)
-        except TypeError:  # an odd call the original accepted; not ours to judge
-            return result
         for listener in listeners:
-            listener(input, target, options, result)
+            listener(args, kwargs, result)
     return result
 
 

@@ -57,15 +57,21 @@ class LossProbe:
         """Record one training cross_entropy call (the caller checks that the step is sampled)."""
         logits, labels = _flatten(input.detach(), target.detach())
         losses, lse = [], []
+        plain = options["weight"] is None and not options["label_smoothing"] and not labels.is_floating_point()
         for start in range(0, logits.shape[0], _CHUNK_ROWS):
             chunk = logits[start:start + _CHUNK_ROWS].float()
             chunk_labels = labels[start:start + _CHUNK_ROWS]
+            chunk_lse = torch.logsumexp(chunk, dim=-1)
+            lse.append(chunk_lse)
+            if plain:  # -log softmax at the target = lse - logit[target], without a second pass
+                picked = chunk.gather(1, chunk_labels.clamp(0, chunk.shape[1] - 1).unsqueeze(1)).squeeze(1)
+                losses.append(chunk_lse - picked)
+                continue
             losses.append(original_cross_entropy(
                 chunk, chunk_labels.float() if chunk_labels.is_floating_point() else chunk_labels,
                 weight=None if options["weight"] is None else options["weight"].float(),
                 ignore_index=options["ignore_index"], reduction="none",
                 label_smoothing=options["label_smoothing"]))
-            lse.append(torch.logsumexp(chunk, dim=-1))
         token_loss = torch.cat(losses)
         if labels.is_floating_point():
             valid = torch.ones_like(token_loss, dtype=torch.bool)

@@ -10,17 +10,17 @@ __all__ = ["memory_pressure"]
 
 
 def _process_rss_fraction() -> float | None:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / psutil.virtual_memory().total
-    except Exception:  # noqa: BLE001 - fall back to /proc when psutil is unusable
-        pass
-    try:
+    try:  # Linux: two reads, no allocation-heavy library call
         with open("/proc/self/statm", encoding="ascii") as statm:
             resident_pages = int(statm.read().split()[1])
         return resident_pages / os.sysconf("SC_PHYS_PAGES")
     except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / psutil.virtual_memory().total
+    except Exception:  # noqa: BLE001 - no way to read memory here: the signal is absent
         return None
 
 

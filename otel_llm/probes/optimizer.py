@@ -35,6 +35,20 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms]))
 
 
+def _fraction_at_most(tensors: list[torch.Tensor], threshold: float, device: torch.device) -> torch.Tensor:
+    """Fraction of elements with abs <= threshold, with a handful of multi-tensor kernels.
+
+    relu(|g| - threshold) is zero exactly where |g| <= threshold (IEEE subtraction of
+    distinct values never gives zero), and its L0 norm counts the rest.
+    """
+    excess = torch._foreach_abs(tensors)
+    torch._foreach_sub_(excess, threshold)
+    torch._foreach_clamp_min_(excess, 0.0)
+    above = torch.stack([n.to(device, torch.float64) for n in torch._foreach_norm(excess, 0)]).sum()
+    total = sum(t.numel() for t in tensors)
+    return (total - above) / total
+
+
 class OptimizerProbe:
     """Computes #1-#4 and the gradient norm for one optimizer."""
 
@@ -64,9 +78,7 @@ class OptimizerProbe:
                 if self._prev_norm is not None and self._prev_norm[0] == step - 1:
                     previous = self._prev_norm[1].to(norm.device)
                     self._out[GRAD_NORM_DECAY_RATE] = (previous - norm) / (previous + 1e-8)
-                small = [torch.count_nonzero(g.abs() <= self._threshold).to(norm.device) for g in grads]
-                total = sum(g.numel() for g in grads)
-                self._out[GRAD_SPARSITY] = torch.stack(small).sum().double() / total
+                self._out[GRAD_SPARSITY] = _fraction_at_most(grads, self._threshold, norm.device)
             if self._updates and params:
                 self._before = torch._foreach_mul([p.detach() for p in params], 1.0)
         self._prev_norm = (step, norm) if norm is not None else None

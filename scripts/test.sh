@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install the test dependencies (torch 2.13.0 CPU, transformers, peft, the OTel stack,
+# Prometheus/promtool/VictoriaMetrics binaries) and run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet "torch==2.13.0"
+.venv/bin/python -m pip install --quiet -e ".[test]"
+bash scripts/fetch_backends.sh
+HF_HUB_OFFLINE=1 exec .venv/bin/python -m pytest -p no:cacheprovider "$@"
