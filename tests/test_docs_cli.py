@@ -1,0 +1,58 @@
+"""The README tables are the catalog's, and the CLI prints the catalog."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from otel_llm.catalog import CATALOG
+from otel_llm.docs import config_table, metric_table, threshold_table
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.mark.parametrize("marker, render", [("metric-table", metric_table), ("config-table", config_table),
+                                            ("threshold-table", threshold_table)])
+def test_readme_tables_match_the_code(marker, render):
+    text = README.read_text(encoding="utf-8")
+    match = re.search(rf"<!-- {marker}:start -->\n(.*?)\n<!-- {marker}:end -->", text, re.S)
+    assert match, f"README lacks the {marker} markers"
+    assert match.group(1) == render(), f"README {marker} is stale: run `otel-llm docs ...` and paste it"
+
+
+def test_readme_documents_every_environment_variable():
+    import otel_llm.environment_variables as env
+
+    text = README.read_text(encoding="utf-8")
+    for name in env.__all__:
+        assert f"`{name}`" in text, name
+
+
+def run_cli(*args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "otel_llm.cli", *args], capture_output=True, text=True,
+                            check=True, timeout=60)
+    return result.stdout
+
+
+def test_catalog_json_lists_every_metric_with_the_contract_keys():
+    entries = json.loads(run_cli("catalog", "--format", "json"))
+    assert [e["name"] for e in entries] == [s.name for s in CATALOG]
+    for entry in entries:
+        assert set(entry) == {"name", "instrument", "unit", "description", "attributes", "buckets"}
+    loss_token = next(e for e in entries if e["name"] == "llm.loss.token")
+    assert loss_token["instrument"] == "histogram"
+    assert loss_token["buckets"] == [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16]
+
+
+def test_catalog_table_has_one_row_per_metric():
+    lines = run_cli("catalog").splitlines()
+    assert lines[0].split() == ["name", "instrument", "unit", "attributes", "buckets"]
+    assert [line.split()[0] for line in lines[1:]] == [s.name for s in CATALOG]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
+    assert rows["llm.train.step.duration"][:2] == ["histogram", "s"]
+    assert rows["llm.grad.sparsity"][:3] == ["observable_gauge", "1", "llm.param.group"]
