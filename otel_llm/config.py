@@ -121,7 +121,7 @@ def _signals(value: Any, name: str) -> tuple[str, ...]:
 
 def _exporters(value: Any, name: str) -> tuple[str, ...]:
     items = [item.lower() for item in _items(value)]
-    if items == ["none"]:
+    if items == ["none"] or (not items and not isinstance(value, str)):
         return ()
     unknown = [item for item in items if item not in EXPORTERS]
     if unknown or not items:
@@ -212,7 +212,7 @@ class Config:
     def __post_init__(self) -> None:
         for spec in fields(self):
             value = getattr(self, spec.name)
-            if value == spec.metadata["default"] and not isinstance(value, bool):
+            if value is spec.metadata["default"]:
                 continue
             object.__setattr__(self, spec.name, spec.metadata["parse"](value, spec.name))
 

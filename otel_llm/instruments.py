@@ -148,8 +148,11 @@ class Publisher:
         sync = self._sync
         if publication.steps:
             sync[TRAIN_STEPS].add(publication.steps)
-        if publication.tokens:
-            sync[TRAIN_TOKENS].add(publication.tokens)
+        tokens = publication.tokens
+        if publication.device_tokens is not None:
+            tokens += int(publication.device_tokens)
+        if tokens:
+            sync[TRAIN_TOKENS].add(tokens)
         for duration in publication.durations:
             sync[TRAIN_STEP_DURATION].record(duration)
         if not publication.sampled:

@@ -136,8 +136,6 @@ class Instrumentation:
         self._optimizer: weakref.ref[torch.optim.Optimizer] | None = None
         self._step = 0
         self._sampled = self._sampler.is_sampled(0)
-        self._pending_steps = 0
-        self._durations: list[float] = []
         self._last_step_end: float | None = None
         self._overhead = 0.0
         self._failed: set[str] = set()
@@ -234,12 +232,11 @@ class Instrumentation:
             instrument.set(value, attrs)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Publish pending counters and push OTLP now; bounded by ``timeout`` (default: config)."""
+        """Publish pending token counts and push OTLP now; bounded by ``timeout`` (default: config)."""
         limit = self.config.shutdown_timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         with self._lock:
-            if self._pending_steps or self._durations:
-                self._publish(sampled=False, values={})
+            self._submit_counts(steps=0, durations=[])
         drained = self._publisher.drain(max(0.0, deadline - time.monotonic()))
         if not self._owns_provider:
             return drained
@@ -259,8 +256,7 @@ class Instrumentation:
             return
         deadline = time.monotonic() + self.config.shutdown_timeout
         with self._lock:
-            if self._pending_steps or self._durations:
-                self._publish(sampled=False, values={})
+            self._submit_counts(steps=0, durations=[])
         self._publisher.close(max(0.0, deadline - time.monotonic()) / 2)
         if self._owns_provider:
             self._bundle.shutdown(max(0.05, deadline - time.monotonic()))
@@ -331,9 +327,7 @@ class Instrumentation:
             return
         now = time.perf_counter()
         with self._lock:
-            if self._last_step_end is not None:
-                self._durations.append(now - self._last_step_end)
-            self._pending_steps += 1
+            durations = [now - self._last_step_end] if self._last_step_end is not None else []
             if self._sampled:
                 values: dict[str, torch.Tensor] = {}
                 try:
@@ -346,35 +340,40 @@ class Instrumentation:
                     self._fail("loss")
                     self._loss.reset()
                 try:
-                    self._publish(sampled=True, values=values, started=now)
+                    self._publish(values, durations, started=now)
                 except Exception:  # noqa: BLE001
                     self._fail("publish")
+            else:
+                self._submit_counts(steps=1, durations=durations)
             self._step += 1
             self._sampled = self._sampler.is_sampled(self._step)
             self._overhead = 0.0
             self._last_step_end = time.perf_counter()
 
     # -- publishing -------------------------------------------------------------
-    def _publish(self, sampled: bool, values: dict[str, torch.Tensor], started: float | None = None) -> None:
+    def _submit_counts(self, steps: int, durations: list[float]) -> None:
+        """Counters of a non-sampled step: a queue put; device token counts are read off-thread."""
+        host_tokens, device_tokens = self._tokens.take()
+        if steps or durations or host_tokens or device_tokens is not None:
+            self._publisher.submit(Publication(step=self._step, sampled=False, steps=steps, tokens=host_tokens,
+                                               device_tokens=device_tokens, durations=durations))
+
+    def _publish(self, values: dict[str, torch.Tensor], durations: list[float], started: float) -> None:
+        """A sampled step: one transfer of every device value, then a queue put."""
         host_tokens, device_tokens = self._tokens.take()
         if device_tokens is not None:
             values[_TOKENS_KEY] = device_tokens
         host = transfer(values) if values else {}
         tokens = host_tokens + (int(host.pop(_TOKENS_KEY)[0]) if _TOKENS_KEY in host else 0)
-        publication = Publication(step=self._step, sampled=sampled, steps=self._pending_steps, tokens=tokens,
-                                  durations=self._durations)
-        self._pending_steps = 0
-        self._durations = []
-        if sampled:
-            for name, array in host.items():
-                if name in _VECTOR_VALUES:
-                    publication.values[name] = array
-                else:
-                    attrs = {ATTR_PARAM_GROUP: "all"} if name == GRAD_SPARSITY else {}
-                    publication.gauges[name] = ((attrs, float(array[0])),)
-            self._host_gauges(publication)
-            if started is not None:
-                publication.overhead = self._overhead + time.perf_counter() - started
+        publication = Publication(step=self._step, sampled=True, steps=1, tokens=tokens, durations=durations)
+        for name, array in host.items():
+            if name in _VECTOR_VALUES:
+                publication.values[name] = array
+            else:
+                attrs = {ATTR_PARAM_GROUP: "all"} if name == GRAD_SPARSITY else {}
+                publication.gauges[name] = ((attrs, float(array[0])),)
+        self._host_gauges(publication)
+        publication.overhead = self._overhead + time.perf_counter() - started
         self._publisher.submit(publication)
 
     def _host_gauges(self, publication: Publication) -> None:

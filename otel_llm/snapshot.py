@@ -46,12 +46,17 @@ class Snapshot:
 
 @dataclass
 class Publication:
-    """Everything one publish hands to the exporter thread (host values only)."""
+    """Everything one step hands to the exporter thread.
+
+    All host values, except ``device_tokens`` on non-sampled steps: a token count
+    still on the device, read by the exporter thread so the training thread never waits.
+    """
 
     step: int
     sampled: bool
     steps: int = 0
     tokens: int = 0
+    device_tokens: torch.Tensor | None = None
     durations: list[float] = field(default_factory=list)
     values: dict[str, np.ndarray] = field(default_factory=dict)
     gauges: dict[str, GaugePoints] = field(default_factory=dict)
