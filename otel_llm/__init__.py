@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from otel_llm.catalog import CATALOG, MetricSpec
 from otel_llm.config import Config
 from otel_llm.schema import SchemaError
-from otel_llm.session import Instrumentation, active
+from otel_llm.session import Instrumentation, active, check_types
 from otel_llm.version import __version__
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ def instrument(model: torch.nn.Module | None = None, optimizer: torch.optim.Opti
     ``model``/``optimizer`` they are found as they first run. Calling this while a
     session is active returns that session.
     """
+    check_types(model, optimizer)
     current = active()
     if current is not None:
         current.attach(model, optimizer)

@@ -1,8 +1,9 @@
-"""The Prometheus HTTP endpoint: one server per (host, port) in the process, shared and refcounted.
+"""The Prometheus HTTP endpoint: one per (host, port), owned by one otel_llm session.
 
 prometheus_client's handler negotiates OpenMetrics text when the scraper asks
 for it (``Accept: application/openmetrics-text``) and serves the classic text
-format otherwise.
+format otherwise. Two otel_llm sessions never share an endpoint: their readers
+would both emit ``target_info`` and the same families, an invalid exposition.
 """
 
 from __future__ import annotations
@@ -10,26 +11,18 @@ from __future__ import annotations
 import errno
 import logging
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["PortInUse", "acquire", "release"]
 
 _logger = logging.getLogger(__name__)
 _lock = threading.Lock()
-
-
-@dataclass
-class _Server:
-    httpd: Any
-    users: int
-
-
-_servers: dict[tuple[str, int], _Server] = {}
+_servers: dict[tuple[str, int], Any] = {}
+"""(host, port) -> the server otel_llm started there, or None when this process already listened."""
 
 
 class PortInUse(OSError):
-    """Another process already listens on the endpoint's port."""
+    """The endpoint's port is taken (by another process or another otel_llm session)."""
 
 
 def _listening_here(port: int) -> bool:
@@ -46,15 +39,15 @@ def _listening_here(port: int) -> bool:
 def acquire(host: str, port: int) -> int:
     """Serve the default prometheus_client registry on host:port; return the bound port.
 
-    Raises :class:`PortInUse` when another process holds the port.
+    A port this process already listens on outside otel_llm (the SDK's own
+    Prometheus reader serves the same registry) is shared. Raises
+    :class:`PortInUse` when another process or another otel_llm session holds it.
     """
     from prometheus_client import start_http_server
 
     with _lock:
-        server = _servers.get((host, port))
-        if server is not None:
-            server.users += 1
-            return port
+        if (host, port) in _servers:
+            raise PortInUse(errno.EADDRINUSE, f"port {port} on {host} is served by another otel_llm session")
         try:
             httpd, _thread = start_http_server(port, addr=host)
         except OSError as exc:
@@ -65,20 +58,14 @@ def acquire(host: str, port: int) -> int:
             _logger.info("otel_llm: port %d is already served by this process; sharing it", port)
             httpd = None
         bound = httpd.server_address[1] if httpd is not None else port
-        _servers[(host, bound)] = _Server(httpd, 1)
+        _servers[(host, bound)] = httpd
         return bound
 
 
 def release(host: str, port: int) -> None:
-    """Drop one user of host:port; the last one stops the server."""
+    """Stop the endpoint started by :func:`acquire` (a shared foreign listener is left alone)."""
     with _lock:
-        server = _servers.get((host, port))
-        if server is None:
-            return
-        server.users -= 1
-        if server.users > 0:
-            return
-        del _servers[(host, port)]
-    if server.httpd is not None:
-        server.httpd.shutdown()
-        server.httpd.server_close()
+        httpd = _servers.pop((host, port), None)
+    if httpd is not None:
+        httpd.shutdown()
+        httpd.server_close()

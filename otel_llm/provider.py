@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
@@ -72,11 +72,14 @@ class ForkSafeExporter(MetricExporter):
                          preferred_aggregation=inner._preferred_aggregation)
         self._inner = inner
         self._pid = os.getpid()
+        self.last_result: MetricExportResult | None = None
+        """Outcome of the latest export, so a flush can say whether anything arrived."""
 
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: object) -> MetricExportResult:
         if os.getpid() != self._pid:
             return MetricExportResult.SUCCESS
-        return self._inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+        self.last_result = self._inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+        return self.last_result
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
         return os.getpid() != self._pid or self._inner.force_flush(timeout_millis)
@@ -113,8 +116,8 @@ class ProviderBundle:
 
     provider: MeterProvider
     otlp_reader: MetricReader | None = None
+    otlp_exporter: ForkSafeExporter | None = None
     prometheus_endpoint: tuple[str, int] | None = None
-    extra_readers: list[MetricReader] = field(default_factory=list)
     _closed: bool = False
 
     @property
@@ -126,11 +129,13 @@ class ProviderBundle:
         return f"http://{host}:{port}/metrics"
 
     def flush(self, timeout: float) -> bool:
-        """Push the OTLP reader now (never the Prometheus one), within ``timeout`` seconds."""
+        """Push the OTLP reader now (never the Prometheus one) within ``timeout`` seconds; True if it arrived."""
         if self.otlp_reader is None or self._closed:
             return True
         reader = self.otlp_reader
-        return run_bounded(lambda: reader.force_flush(timeout_millis=timeout * 1000), timeout, "flush")
+        done = run_bounded(lambda: reader.force_flush(timeout_millis=timeout * 1000), timeout, "flush")
+        exporter = self.otlp_exporter
+        return done and (exporter is None or exporter.last_result is not MetricExportResult.FAILURE)
 
     def shutdown(self, timeout: float) -> bool:
         """Final OTLP push and reader shutdown, bounded by ``timeout`` seconds; idempotent."""
@@ -169,6 +174,7 @@ def build_provider(config: Config, extra_specs: Iterable[MetricSpec] = (),
     ranks = rank_info()
     readers: list[MetricReader] = list(extra_readers)
     otlp_reader = None
+    otlp_exporter = None
     endpoint = None
     if "prometheus" in config.exporters:
         served = _prometheus_reader(config, ranks)
@@ -176,9 +182,9 @@ def build_provider(config: Config, extra_specs: Iterable[MetricSpec] = (),
             readers.append(served[0])
             endpoint = served[1]
     if "otlp" in config.exporters:
-        otlp_reader = PeriodicExportingMetricReader(
-            ForkSafeExporter(_otlp_exporter()), export_interval_millis=config.export_interval_ms)
+        otlp_exporter = ForkSafeExporter(_otlp_exporter())
+        otlp_reader = PeriodicExportingMetricReader(otlp_exporter, export_interval_millis=config.export_interval_ms)
         readers.append(otlp_reader)
     provider = MeterProvider(metric_readers=readers, resource=build_resource(config, ranks),
                              views=build_views(config, extra_specs), shutdown_on_exit=False)
-    return ProviderBundle(provider, otlp_reader, endpoint, list(extra_readers))
+    return ProviderBundle(provider, otlp_reader, otlp_exporter, endpoint)

@@ -43,6 +43,11 @@ def _fail(source: str, entry: str, rule: str) -> SchemaError:
     return SchemaError(f"otel_llm schema {source}: entry {entry}: {rule}")
 
 
+def _family(series_name: str) -> str:
+    """The OpenMetrics family of a series name: counters drop their ``_total``."""
+    return series_name[:-len("_total")] if series_name.endswith("_total") else series_name
+
+
 def validate_spec(raw: Mapping[str, Any], *, source: str = "<register>", entry: str = "",
                   taken: Mapping[str, str] | None = None) -> MetricSpec:
     """Turn one declaration into a :class:`MetricSpec`, or raise :class:`SchemaError`."""
@@ -84,10 +89,10 @@ def validate_spec(raw: Mapping[str, Any], *, source: str = "<register>", entry: 
         if any(low >= high for low, high in zip(values, values[1:])):
             raise _fail(source, label, f"buckets must be strictly increasing, got {list(buckets)!r}")
         buckets = tuple(values)
-    promname = prometheus_name(name, unit, instrument)
+    family = _family(prometheus_name(name, unit, instrument))
     for other, other_prom in (taken or {}).items():
-        if name == other or promname == other_prom:
-            raise _fail(source, label, f"name {name!r} clashes with {other!r}")
+        if name == other or family == _family(other_prom):
+            raise _fail(source, label, f"name {name!r} clashes with {other!r} (same Prometheus family)")
     return MetricSpec(name, instrument, unit, description, tuple(attributes), buckets)
 
 

@@ -37,6 +37,7 @@ from otel_llm.catalog import (
     TRAIN_LEARNING_RATE,
     TRAIN_LOSS,
     MetricSpec,
+    prometheus_name,
 )
 from otel_llm.config import Config
 from otel_llm.instruments import Publisher, create_instrument
@@ -53,7 +54,7 @@ from otel_llm.schema import builtin_names, load_schema, validate_spec
 from otel_llm.snapshot import Publication, transfer
 from otel_llm.version import __version__
 
-__all__ = ["Instrumentation", "active"]
+__all__ = ["Instrumentation", "active", "check_types"]
 
 _logger = logging.getLogger(__name__)
 
@@ -86,6 +87,14 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(_shutdown_all)
 
 
+def check_types(model: object, optimizer: object) -> None:
+    """ValueError unless model/optimizer are None or a torch Module/Optimizer."""
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+
+
 def _distributed_all_reduce() -> Callable[[torch.Tensor], None] | None:
     import torch.distributed as dist
 
@@ -104,10 +113,7 @@ class Instrumentation:
     def __init__(self, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None, *,
                  config: Config | None = None, meter_provider: MeterProvider | None = None,
                  bundle: ProviderBundle | None = None, extra_readers: Iterable[MetricReader] = ()) -> None:
-        if model is not None and not isinstance(model, torch.nn.Module):
-            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        check_types(model, optimizer)
         self.config = config if config is not None else Config()
         schema = load_schema(self.config.schema_path) if self.config.schema_path else ()
         if bundle is not None:
@@ -202,7 +208,7 @@ class Instrumentation:
         if buckets is not None:
             raw["buckets"] = list(buckets)
         taken = builtin_names()
-        taken.update({n: n.replace(".", "_") for n in self._custom})
+        taken.update({n: prometheus_name(s.name, s.unit, s.instrument) for n, (s, _) in self._custom.items()})
         spec = validate_spec(raw, source="register()", entry=repr(name), taken=taken)
         self._custom[spec.name] = (spec, create_instrument(self._meter, spec))
         return spec
