@@ -13,8 +13,8 @@ import logging
 import os
 
 from opentelemetry import metrics
-from opentelemetry.sdk._configuration import _BaseConfigurator
 from opentelemetry.instrumentation.distro import BaseDistro
+from opentelemetry.sdk._configuration import _BaseConfigurator
 
 from otel_llm.config import Config
 from otel_llm.provider import ProviderBundle, build_provider

@@ -19,7 +19,8 @@ def metric_table() -> str:
     for spec in CATALOG:
         buckets = f" Buckets: {', '.join(f'{b:g}' for b in spec.buckets)}." if spec.buckets else ""
         rows.append(
-            f"| {spec.signal_number or ''} | `{spec.name}` | `{prometheus_name(spec.name, spec.unit, spec.instrument)}` "
+            f"| {spec.signal_number or ''} | `{spec.name}` "
+            f"| `{prometheus_name(spec.name, spec.unit, spec.instrument)}` "
             f"| {spec.instrument} | `{spec.unit}` | {', '.join(f'`{a}`' for a in spec.attributes)} "
             f"| {_cell(spec.description)}{buckets} |")
     return "\n".join(rows)

@@ -62,7 +62,8 @@ def validate_spec(raw: Mapping[str, Any], *, source: str = "<register>", entry: 
         raise _fail(source, label, f"name {name!r} is not a legal OpenMetrics name "
                                    "(letters, digits and underscores, dot-separated, not starting with a digit)")
     if name.replace(".", "_").endswith(_RESERVED_SUFFIXES):
-        raise _fail(source, label, f"name {name!r} ends with a suffix OpenMetrics reserves ({', '.join(_RESERVED_SUFFIXES)})")
+        raise _fail(source, label, f"name {name!r} ends with a suffix OpenMetrics reserves "
+                                   f"({', '.join(_RESERVED_SUFFIXES)})")
     instrument = raw.get("instrument")
     if instrument not in SCHEMA_INSTRUMENTS:
         raise _fail(source, label, f"unknown instrument {instrument!r}; use one of {', '.join(SCHEMA_INSTRUMENTS)}")

@@ -20,7 +20,10 @@ from typing import Any
 import torch
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 from torch.utils.hooks import RemovableHandle
 
 from otel_llm.catalog import (

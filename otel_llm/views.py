@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from opentelemetry.sdk.metrics.view import DropAggregation, ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.metrics.view import (
+    DropAggregation,
+    ExplicitBucketHistogramAggregation,
+    View,
+)
 
 from otel_llm.catalog import CATALOG, MetricSpec
 from otel_llm.config import Config

@@ -55,6 +55,15 @@ class Harness:
 
 
 @pytest.fixture
+def sessions() -> Iterator[list[otel_llm.Instrumentation]]:
+    """Sessions a test starts; every one is shut down even when the test fails."""
+    started: list[otel_llm.Instrumentation] = []
+    yield started
+    for session in started:
+        session.shutdown()
+
+
+@pytest.fixture
 def harness() -> Iterator[type[Harness]]:
     made: list[Harness] = []
 

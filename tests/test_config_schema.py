@@ -8,7 +8,6 @@ import os
 import re
 import socket
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,14 +31,6 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         if name.startswith("OTEL_") or name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
             monkeypatch.delenv(name)
     monkeypatch.setattr(config_module, "_warned", set())
-
-
-@pytest.fixture
-def sessions() -> Iterator[list[otel_llm.Instrumentation]]:
-    started: list[otel_llm.Instrumentation] = []
-    yield started
-    for session in started:
-        session.shutdown()
 
 
 def tiny() -> tuple[GPT, torch.optim.Optimizer]:

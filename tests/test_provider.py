@@ -51,15 +51,6 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-@pytest.fixture
-def sessions() -> Iterator[list[otel_llm.Instrumentation]]:
-    """Sessions a test starts; every one is shut down even when the test fails."""
-    started: list[otel_llm.Instrumentation] = []
-    yield started
-    for session in started:
-        session.shutdown()
-
-
 def start(sessions: list[otel_llm.Instrumentation], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
           **config: Any) -> otel_llm.Instrumentation:
     config.setdefault("sampling_interval", 1)
