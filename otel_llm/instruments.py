@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from otel_llm.catalog import (
@@ -24,7 +25,6 @@ from otel_llm.catalog import (
     KV_CACHE_HIT_RATIO,
     KV_CACHE_HITS,
     KV_CACHE_LOOKUPS,
-    LOSS_TOKEN,
     TELEMETRY_NONFINITE,
     TELEMETRY_OVERHEAD,
     TELEMETRY_SAMPLED_STEPS,
@@ -34,7 +34,6 @@ from otel_llm.catalog import (
     MetricSpec,
 )
 from otel_llm.kv_cache import KvCacheWindow
-from otel_llm.probes.loss import TOKEN_SAMPLE_VALID
 from otel_llm.snapshot import Publication, Snapshot
 
 __all__ = ["Publisher", "create_instrument"]
@@ -158,15 +157,15 @@ class Publisher:
         if not publication.sampled:
             return
         sync[TELEMETRY_SAMPLED_STEPS].add(1)
-        tokens = publication.values.get(LOSS_TOKEN)
-        if tokens is not None:
-            valid = publication.values[TOKEN_SAMPLE_VALID]
-            values = [float(v) for v, ok in zip(tokens, valid) if ok]
-            finite = [v for v in values if math.isfinite(v) and v >= 0]
-            if len(finite) < len(values):
-                self.count_nonfinite(LOSS_TOKEN)
-            for value in finite:
-                sync[LOSS_TOKEN].record(value)
+        for name, attributes, measurements in publication.histograms:
+            instrument = sync.get(name)
+            if instrument is None:
+                continue
+            finite = measurements[np.isfinite(measurements)]
+            if finite.size < measurements.size:
+                self.count_nonfinite(name)
+            for value in finite[finite >= 0].tolist():
+                instrument.record(value, attributes)
         if publication.overhead is not None:
             sync[TELEMETRY_OVERHEAD].record(publication.overhead)
         self._snapshot = Snapshot(publication.step, self._finite_gauges(publication))

@@ -29,7 +29,6 @@ from torch.utils.hooks import RemovableHandle
 from otel_llm.catalog import (
     ATTR_DEVICE,
     ATTR_PARAM_GROUP,
-    GRAD_SPARSITY,
     LOGITS_Z_LOSS,
     LOSS_TOKEN,
     LOSS_TOKEN_SKEWNESS,
@@ -45,23 +44,24 @@ from otel_llm.catalog import (
 from otel_llm.config import Config
 from otel_llm.instruments import Publisher, create_instrument
 from otel_llm.probes import cross_entropy
-from otel_llm.probes.loss import TOKEN_SAMPLE_VALID, LossProbe
+from otel_llm.probes.base import ModelProbe, StepValues, log_failure
+from otel_llm.probes.loss import LossProbe
 from otel_llm.probes.memory import memory_pressure
 from otel_llm.probes.optimizer import OptimizerProbe, trainable_params
+from otel_llm.probes.registry import build_model_probes
 from otel_llm.probes.tokens import TokenCounter
 from otel_llm.probes.update_sample import CoordinateSample
 from otel_llm.provider import ProviderBundle, build_provider
 from otel_llm.rank import rank_info
 from otel_llm.sampler import make_sampler
 from otel_llm.schema import builtin_names, load_schema, validate_spec
-from otel_llm.snapshot import Publication, transfer
+from otel_llm.snapshot import Publication, to_host
 from otel_llm.version import __version__
 
 __all__ = ["Instrumentation", "active", "check_types"]
 
 _logger = logging.getLogger(__name__)
 
-_VECTOR_VALUES = (LOSS_TOKEN, TOKEN_SAMPLE_VALID)
 _LOSS_FAMILY = (TRAIN_LOSS, LOSS_TOKEN, LOSS_TOKEN_SKEWNESS, LOGITS_Z_LOSS)
 _UPDATE_FAMILY = (PARAM_UPDATE_RATIO, PARAM_UPDATE_VARIANCE_RATIO)
 _TOKENS_KEY = "#tokens"
@@ -141,13 +141,14 @@ class Instrumentation:
         self._optim = OptimizerProbe(cfg.grad_sparsity_threshold, sample,
                                      updates=not all(cfg.is_disabled(n) for n in _UPDATE_FAMILY))
         self._tokens = TokenCounter()
+        self._model_probes: list[ModelProbe] = build_model_probes(cfg)
         self._handles: list[RemovableHandle] = []
         self._optimizer: weakref.ref[torch.optim.Optimizer] | None = None
         self._step = 0
-        self._sampled = self._sampler.is_sampled(0)
+        self._sampled = False
+        self._set_sampled(self._sampler.is_sampled(0))
         self._last_step_end: float | None = None
         self._overhead = 0.0
-        self._failed: set[str] = set()
         self._lock = threading.Lock()
         self._started = time.monotonic()
         self.closed = False
@@ -161,9 +162,9 @@ class Instrumentation:
         else:
             self._handles.append(register_optimizer_step_pre_hook(self._on_pre_step))
             self._handles.append(register_optimizer_step_post_hook(self._on_post_step))
-        self._model_resolved = model is not None
+        self._model_resolved = False
         if model is not None:
-            self._tokens.attach(model)
+            self._attach_model(model)
         else:
             self._tokens.discover()
         _sessions.add(self)
@@ -186,8 +187,7 @@ class Instrumentation:
     def attach(self, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Point an existing session at a model/optimizer (e.g. an explicit call under zero-code)."""
         if model is not None and self._tokens.model is None:
-            self._tokens.attach(model)
-            self._model_resolved = True
+            self._attach_model(model)
         if optimizer is not None:
             if self._optimizer is None:
                 self._adopt(optimizer)
@@ -260,6 +260,8 @@ class Instrumentation:
             handle.remove()
         self._handles.clear()
         self._tokens.detach()
+        for probe in self._model_probes:
+            probe.detach()
         cross_entropy.remove_listener(self._on_cross_entropy)
         if _forked:
             return
@@ -277,11 +279,6 @@ class Instrumentation:
         self.shutdown()
 
     # -- hooks ------------------------------------------------------------------
-    def _fail(self, probe: str) -> None:
-        if probe not in self._failed:
-            self._failed.add(probe)
-            _logger.warning("otel_llm: probe %s failed and is skipped for this step", probe, exc_info=True)
-
     def _on_cross_entropy(self, args: tuple[Any, ...], kwargs: dict[str, Any], result: torch.Tensor) -> None:
         if not self._sampled or _forked:
             return
@@ -295,9 +292,26 @@ class Instrumentation:
         try:
             self._loss.on_call(input, target, options, result)
         except Exception:  # noqa: BLE001 - never raise into the training loop
-            self._fail("loss")
+            log_failure("loss")
             self._loss.reset()
         self._overhead += time.perf_counter() - started
+
+    def _attach_model(self, model: torch.nn.Module) -> None:
+        """Count tokens on ``model`` and let every model probe hook it."""
+        self._model_resolved = True
+        self._tokens.attach(model)
+        for probe in self._model_probes:
+            try:
+                probe.attach(model)
+                probe.begin_step(self._sampled)
+            except Exception:  # noqa: BLE001 - an unfamiliar model must not stop training
+                log_failure(probe.name)
+                probe.detach()
+
+    def _set_sampled(self, sampled: bool) -> None:
+        self._sampled = sampled
+        for probe in self._model_probes:
+            probe.begin_step(sampled)
 
     def _adopt(self, optimizer: torch.optim.Optimizer) -> None:
         self._optimizer = weakref.ref(optimizer)
@@ -305,9 +319,12 @@ class Instrumentation:
     def _resolve_model(self, optimizer: torch.optim.Optimizer) -> None:
         """At the first step, keep token counting on the model that owns the optimizer's parameters."""
         self._model_resolved = True
-        if self._tokens.adopt(trainable_params(optimizer)) is None:
-            _logger.info("otel_llm: no model owning the optimizer's parameters was seen; "
-                         "llm.train.tokens needs instrument(model=...)")
+        model = self._tokens.adopt(trainable_params(optimizer))
+        if model is not None:
+            self._attach_model(model)
+        else:
+            _logger.info("otel_llm: no model owning the optimizer's parameters was seen; token counts and "
+                         "model signals need instrument(model=...)")
 
     def _owns(self, optimizer: torch.optim.Optimizer) -> bool:
         if self._optimizer is None:
@@ -327,7 +344,7 @@ class Instrumentation:
         try:
             self._optim.pre_step(optimizer, self._step, self._sampled, next_sampled)
         except Exception:  # noqa: BLE001
-            self._fail("optimizer")
+            log_failure("optimizer")
             self._optim.reset()
         self._overhead += time.perf_counter() - started
 
@@ -338,24 +355,11 @@ class Instrumentation:
         with self._lock:
             durations = [now - self._last_step_end] if self._last_step_end is not None else []
             if self._sampled:
-                values: dict[str, torch.Tensor] = {}
-                try:
-                    values.update(self._optim.post_step(optimizer))
-                except Exception:  # noqa: BLE001
-                    self._fail("optimizer")
-                try:
-                    values.update(self._loss.finish())
-                except Exception:  # noqa: BLE001
-                    self._fail("loss")
-                    self._loss.reset()
-                try:
-                    self._publish(values, durations, started=now)
-                except Exception:  # noqa: BLE001
-                    self._fail("publish")
+                self._publish(self._collect(optimizer), durations, started=now)
             else:
                 self._submit_counts(steps=1, durations=durations)
             self._step += 1
-            self._sampled = self._sampler.is_sampled(self._step)
+            self._set_sampled(self._sampler.is_sampled(self._step))
             self._overhead = 0.0
             self._last_step_end = time.perf_counter()
 
@@ -367,20 +371,34 @@ class Instrumentation:
             self._publisher.submit(Publication(step=self._step, sampled=False, steps=steps, tokens=host_tokens,
                                                device_tokens=device_tokens, durations=durations))
 
-    def _publish(self, values: dict[str, torch.Tensor], durations: list[float], started: float) -> None:
+    def _collect(self, optimizer: torch.optim.Optimizer) -> StepValues:
+        """Every probe's device values of the sampled step; a failing probe contributes nothing."""
+        values = StepValues()
+        sources: list[tuple[str, Callable[[], StepValues], Callable[[], None]]] = [
+            ("optimizer", lambda: self._optim.post_step(optimizer), self._optim.reset),
+            ("loss", self._loss.finish, self._loss.reset),
+            *((probe.name, probe.finish, probe.reset) for probe in self._model_probes),
+        ]
+        for name, finish, reset in sources:
+            try:
+                values.extend(finish())
+            except Exception:  # noqa: BLE001 - never raise into the training loop
+                log_failure(name)
+                reset()
+        return values
+
+    def _publish(self, values: StepValues, durations: list[float], started: float) -> None:
         """A sampled step: one transfer of every device value, then a queue put."""
         host_tokens, device_tokens = self._tokens.take()
-        if device_tokens is not None:
-            values[_TOKENS_KEY] = device_tokens
-        host = transfer(values) if values else {}
-        tokens = host_tokens + (int(host.pop(_TOKENS_KEY)[0]) if _TOKENS_KEY in host else 0)
-        publication = Publication(step=self._step, sampled=True, steps=1, tokens=tokens, durations=durations)
-        for name, array in host.items():
-            if name in _VECTOR_VALUES:
-                publication.values[name] = array
-            else:
-                attrs = {ATTR_PARAM_GROUP: "all"} if name == GRAD_SPARSITY else {}
-                publication.gauges[name] = ((attrs, float(array[0])),)
+        extra = {_TOKENS_KEY: device_tokens} if device_tokens is not None else {}
+        try:
+            gauges, histograms, host = to_host(values, extra)
+        except Exception:  # noqa: BLE001
+            log_failure("publish")
+            gauges, histograms, host = {}, [], {}
+        tokens = host_tokens + (int(host[_TOKENS_KEY][0]) if _TOKENS_KEY in host else 0)
+        publication = Publication(step=self._step, sampled=True, steps=1, tokens=tokens, durations=durations,
+                                  gauges=gauges, histograms=histograms)
         self._host_gauges(publication)
         publication.overhead = self._overhead + time.perf_counter() - started
         self._publisher.submit(publication)

@@ -13,10 +13,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["GaugePoints", "Publication", "Snapshot", "transfer"]
+from otel_llm.probes.base import StepValues
+
+__all__ = ["GaugePoints", "HistogramPoints", "Publication", "Snapshot", "to_host", "transfer"]
 
 GaugePoints = tuple[tuple[Mapping[str, str], float], ...]
 """(attributes, value) pairs of one gauge."""
+HistogramPoints = tuple[str, Mapping[str, str], np.ndarray]
+"""(name, attributes, measurements) of one histogram stream in one step."""
 
 
 def transfer(values: Mapping[str, torch.Tensor | float | int]) -> dict[str, np.ndarray]:
@@ -34,6 +38,29 @@ def transfer(values: Mapping[str, torch.Tensor | float | int]) -> dict[str, np.n
         out[name] = host[offset:offset + part.numel()]
         offset += part.numel()
     return out
+
+
+def to_host(values: StepValues, extra: Mapping[str, torch.Tensor]
+            ) -> tuple[dict[str, GaugePoints], list[HistogramPoints], dict[str, np.ndarray]]:
+    """Gauges, histogram measurements (only the kept entries) and ``extra``, with one transfer."""
+    packed: dict[str, torch.Tensor | float | int] = dict(extra)
+    for index, (_, _, tensor) in enumerate(values.gauges):
+        packed[f"g{index}"] = tensor
+    for index, (_, _, tensor, keep) in enumerate(values.histograms):
+        packed[f"h{index}"] = tensor
+        if keep is not None:
+            packed[f"k{index}"] = keep
+    host = transfer(packed) if packed else {}
+    gauges: dict[str, list[tuple[Mapping[str, str], float]]] = {}
+    for index, (name, attributes, _) in enumerate(values.gauges):
+        gauges.setdefault(name, []).append((attributes, float(host[f"g{index}"][0])))
+    histograms: list[HistogramPoints] = []
+    for index, (name, attributes, _, keep) in enumerate(values.histograms):
+        measurements = host[f"h{index}"]
+        if keep is not None:
+            measurements = measurements[host[f"k{index}"] > 0]
+        histograms.append((name, attributes, measurements))
+    return {k: tuple(v) for k, v in gauges.items()}, histograms, {k: host[k] for k in extra}
 
 
 @dataclass(frozen=True)
@@ -58,6 +85,6 @@ class Publication:
     tokens: int = 0
     device_tokens: torch.Tensor | None = None
     durations: list[float] = field(default_factory=list)
-    values: dict[str, np.ndarray] = field(default_factory=dict)
     gauges: dict[str, GaugePoints] = field(default_factory=dict)
+    histograms: list[HistogramPoints] = field(default_factory=list)
     overhead: float | None = None

@@ -14,12 +14,10 @@ from typing import Any
 import torch
 
 from otel_llm.catalog import LOGITS_Z_LOSS, LOSS_TOKEN, LOSS_TOKEN_SKEWNESS, TRAIN_LOSS
+from otel_llm.probes.base import StepValues
 from otel_llm.probes.cross_entropy import original_cross_entropy
 
-__all__ = ["LossProbe", "TOKEN_SAMPLE_VALID"]
-
-TOKEN_SAMPLE_VALID = "llm.loss.token#valid"
-"""Companion vector of the token-loss subsample: 1 where the entry is a real token."""
+__all__ = ["LossProbe"]
 
 _CHUNK_ROWS = 8192
 
@@ -103,15 +101,15 @@ class LossProbe:
         return generator
 
     @torch.no_grad()
-    def finish(self) -> dict[str, torch.Tensor]:
+    def finish(self) -> StepValues:
         """Device tensors for the step's loss signals; empty when no loss was seen."""
-        out: dict[str, torch.Tensor] = {}
+        out = StepValues()
         if self._manual_losses:
             device = self._manual_losses[0].device
-            out[TRAIN_LOSS] = torch.stack([v.to(device) for v in self._manual_losses]).mean()
+            out.gauge(TRAIN_LOSS, torch.stack([v.to(device) for v in self._manual_losses]).mean())
         elif self._call_losses:
             device = self._call_losses[0].device
-            out[TRAIN_LOSS] = torch.stack([v.to(device) for v in self._call_losses]).mean()
+            out.gauge(TRAIN_LOSS, torch.stack([v.to(device) for v in self._call_losses]).mean())
         if not self._losses:
             self.reset()
             return out
@@ -123,13 +121,11 @@ class LossProbe:
         centred = torch.where(valid, losses - mean, 0.0)
         m2 = centred.square().sum() / count
         m3 = centred.pow(3).sum() / count
-        out[LOSS_TOKEN_SKEWNESS] = torch.where(m2 > 0, m3 / m2.clamp_min(1e-300).pow(1.5), m3 * 0.0)
-        out[LOGITS_Z_LOSS] = torch.cat([t.to(device) for t in self._lse_sq]).double().sum() / count
+        out.gauge(LOSS_TOKEN_SKEWNESS, torch.where(m2 > 0, m3 / m2.clamp_min(1e-300).pow(1.5), m3 * 0.0))
+        out.gauge(LOGITS_Z_LOSS, torch.cat([t.to(device) for t in self._lse_sq]).double().sum() / count)
         keys = torch.rand(losses.shape[0], generator=self._generator(device), device=device)
         keys = torch.where(valid, keys, 2.0)
-        k = min(self._max_tokens, losses.shape[0])
-        chosen = torch.topk(keys, k, largest=False).indices
-        out[LOSS_TOKEN] = losses[chosen]
-        out[TOKEN_SAMPLE_VALID] = valid[chosen]
+        chosen = torch.topk(keys, min(self._max_tokens, losses.shape[0]), largest=False).indices
+        out.histogram(LOSS_TOKEN, losses[chosen], keep=valid[chosen])
         self.reset()
         return out

@@ -12,12 +12,14 @@ from __future__ import annotations
 import torch
 
 from otel_llm.catalog import (
+    ATTR_PARAM_GROUP,
     GRAD_NORM,
     GRAD_NORM_DECAY_RATE,
     GRAD_SPARSITY,
     PARAM_UPDATE_RATIO,
     PARAM_UPDATE_VARIANCE_RATIO,
 )
+from otel_llm.probes.base import StepValues
 from otel_llm.probes.update_sample import CoordinateSample
 
 __all__ = ["OptimizerProbe", "global_norm", "trainable_params"]
@@ -62,7 +64,7 @@ class OptimizerProbe:
     def reset(self) -> None:
         """Forget the current step's partial results (after a failure)."""
         self._before: list[torch.Tensor] | None = None
-        self._out: dict[str, torch.Tensor] = {}
+        self._out = StepValues()
 
     @torch.no_grad()
     def pre_step(self, optimizer: torch.optim.Optimizer, step: int, sampled: bool, next_sampled: bool) -> None:
@@ -72,21 +74,22 @@ class OptimizerProbe:
         grads = [p.grad.detach() for p in params if p.grad is not None and not p.grad.is_sparse]
         norm = global_norm(grads) if grads else None
         if sampled:
-            self._out = {}
+            self._out = StepValues()
             if norm is not None:
-                self._out[GRAD_NORM] = norm
+                self._out.gauge(GRAD_NORM, norm)
                 if self._prev_norm is not None and self._prev_norm[0] == step - 1:
                     previous = self._prev_norm[1].to(norm.device)
-                    self._out[GRAD_NORM_DECAY_RATE] = (previous - norm) / (previous + 1e-8)
-                self._out[GRAD_SPARSITY] = _fraction_at_most(grads, self._threshold, norm.device)
+                    self._out.gauge(GRAD_NORM_DECAY_RATE, (previous - norm) / (previous + 1e-8))
+                self._out.gauge(GRAD_SPARSITY, _fraction_at_most(grads, self._threshold, norm.device),
+                                {ATTR_PARAM_GROUP: "all"})
             if self._updates and params:
                 self._before = torch._foreach_mul([p.detach() for p in params], 1.0)
         self._prev_norm = (step, norm) if norm is not None else None
 
     @torch.no_grad()
-    def post_step(self, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    def post_step(self, optimizer: torch.optim.Optimizer) -> StepValues:
         """The sampled step's signals; call only after a sampled ``pre_step``."""
-        out, self._out = self._out, {}
+        out, self._out = self._out, StepValues()
         before, self._before = self._before, None
         if before is None:
             return out
@@ -94,6 +97,6 @@ class OptimizerProbe:
         if len(after) != len(before):  # param groups changed during the step: no honest update ratio
             return out
         delta = torch._foreach_sub(after, before)
-        out[PARAM_UPDATE_RATIO] = global_norm(delta) / global_norm(before)
-        out[PARAM_UPDATE_VARIANCE_RATIO] = self._sample.variance_ratio(delta)
+        out.gauge(PARAM_UPDATE_RATIO, global_norm(delta) / global_norm(before))
+        out.gauge(PARAM_UPDATE_VARIANCE_RATIO, self._sample.variance_ratio(delta))
         return out
