@@ -52,7 +52,6 @@ from otel_llm.probes.registry import build_model_probes
 from otel_llm.probes.tokens import TokenCounter
 from otel_llm.probes.update_sample import CoordinateSample
 from otel_llm.provider import ProviderBundle, build_provider
-from otel_llm.rank import rank_info
 from otel_llm.sampler import make_sampler
 from otel_llm.schema import builtin_names, load_schema, validate_spec
 from otel_llm.snapshot import Publication, to_host
@@ -98,14 +97,6 @@ def check_types(model: object, optimizer: object) -> None:
         raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
 
 
-def _distributed_all_reduce() -> Callable[[torch.Tensor], None] | None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return lambda tensor: dist.all_reduce(tensor)
-    return None
-
-
 class Instrumentation:
     """A running otel_llm session; returned by :func:`otel_llm.instrument`.
 
@@ -136,8 +127,7 @@ class Instrumentation:
         self._sampler = make_sampler(cfg.sampling, cfg.sampling_interval)
         self._want_loss = not all(cfg.is_disabled(n) for n in _LOSS_FAMILY)
         self._loss = LossProbe(cfg.token_loss_samples, seed=cfg.update_sample_seed)
-        sample = CoordinateSample(cfg.update_sample_size, cfg.update_sample_seed, rank_info().world_size,
-                                  _distributed_all_reduce())
+        sample = CoordinateSample(cfg.update_sample_size, cfg.update_sample_seed)
         self._optim = OptimizerProbe(cfg.grad_sparsity_threshold, sample,
                                      updates=not all(cfg.is_disabled(n) for n in _UPDATE_FAMILY))
         self._tokens = TokenCounter()

@@ -5,6 +5,10 @@ the global norm and sparsity are read there. Around a sampled step the probe
 keeps a copy of the trainable parameters to measure the update. The norm is
 also computed on the step before a sampled one, because the decay rate compares
 consecutive optimizer steps, not consecutive samples.
+
+Sharded parameters (FSDP2 DTensors) hold one shard per rank: the probe sums
+per-rank partial statistics with one all-reduce so the exported values are the
+global ones, not one shard's.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from otel_llm.catalog import (
 from otel_llm.probes.base import StepValues
 from otel_llm.probes.update_sample import CoordinateSample
 
-__all__ = ["OptimizerProbe", "global_norm", "trainable_params"]
+__all__ = ["OptimizerProbe", "ShardReducer", "trainable_params"]
 
 
 def trainable_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -30,15 +34,61 @@ def trainable_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
 
 
-def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """L2 norm over all elements of ``tensors`` as a 0-d float32 tensor on the first tensor's device."""
-    device = tensors[0].device
-    norms = torch._foreach_norm(tensors)
-    return torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms]))
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - builds without distributed support
+        return None
+    return DTensor
 
 
-def _fraction_at_most(tensors: list[torch.Tensor], threshold: float, device: torch.device) -> torch.Tensor:
-    """Fraction of elements with abs <= threshold, with a handful of multi-tensor kernels.
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of ``tensor`` this rank holds (a DTensor's local shard)."""
+    dtensor = _dtensor_type()
+    return tensor.to_local() if dtensor is not None and isinstance(tensor, dtensor) else tensor
+
+
+class ShardReducer:
+    """Turns per-tensor partial sums into global sums for a fixed list of parameters.
+
+    Sharded tensors contribute their local partial sums; replicated ones (plain
+    tensors, present whole on every rank) contribute 1/world of theirs, so one
+    SUM all-reduce over the shard group yields every global total exactly.
+    """
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        dtensor = _dtensor_type()
+        sharded = [dtensor is not None and isinstance(p, dtensor) and any(pl.is_shard() for pl in p.placements)
+                   for p in params]
+        self.group = None
+        self.weights: list[float] = [1.0] * len(params)
+        if any(sharded):
+            first = params[sharded.index(True)]
+            self.group = first.device_mesh.get_group()
+            import torch.distributed as dist
+
+            world = dist.get_world_size(self.group)
+            self.weights = [1.0 if s else 1.0 / world for s in sharded]
+        self.sharded = sharded
+
+    def sums(self, partials: list[torch.Tensor]) -> torch.Tensor:
+        """Global totals of a stack of per-tensor partials, shape (k, n_tensors) -> (k,)."""
+        stacked = torch.stack(partials).double()
+        weights = torch.tensor(self.weights, dtype=torch.float64, device=stacked.device)
+        totals = (stacked * weights).sum(dim=1)
+        if self.group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(totals, group=self.group)
+        return totals
+
+
+def _squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    return torch.stack([n.to(device, torch.float64) for n in torch._foreach_norm(tensors)]).square()
+
+
+def _above(tensors: list[torch.Tensor], threshold: float, device: torch.device) -> torch.Tensor:
+    """Per tensor, how many elements have abs > threshold.
 
     relu(|g| - threshold) is zero exactly where |g| <= threshold (IEEE subtraction of
     distinct values never gives zero), and its L0 norm counts the rest.
@@ -46,9 +96,7 @@ def _fraction_at_most(tensors: list[torch.Tensor], threshold: float, device: tor
     excess = torch._foreach_abs(tensors)
     torch._foreach_sub_(excess, threshold)
     torch._foreach_clamp_min_(excess, 0.0)
-    above = torch.stack([n.to(device, torch.float64) for n in torch._foreach_norm(excess, 0)]).sum()
-    total = sum(t.numel() for t in tensors)
-    return (total - above) / total
+    return torch.stack([n.to(device, torch.float64) for n in torch._foreach_norm(excess, 0)])
 
 
 class OptimizerProbe:
@@ -59,6 +107,7 @@ class OptimizerProbe:
         self._sample = sample
         self._updates = updates
         self._prev_norm: tuple[int, torch.Tensor] | None = None
+        self._reducer: tuple[tuple[int, ...], ShardReducer] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -66,24 +115,38 @@ class OptimizerProbe:
         self._before: list[torch.Tensor] | None = None
         self._out = StepValues()
 
+    def _reducer_for(self, params: list[torch.Tensor]) -> ShardReducer:
+        key = tuple(id(p) for p in params)
+        if self._reducer is None or self._reducer[0] != key:
+            self._reducer = (key, ShardReducer(params))
+        return self._reducer[1]
+
     @torch.no_grad()
     def pre_step(self, optimizer: torch.optim.Optimizer, step: int, sampled: bool, next_sampled: bool) -> None:
         if not (sampled or next_sampled):
             return
-        params = trainable_params(optimizer)
-        grads = [p.grad.detach() for p in params if p.grad is not None and not p.grad.is_sparse]
-        norm = global_norm(grads) if grads else None
-        if sampled:
-            self._out = StepValues()
-            if norm is not None:
+        with_grad = [p for p in trainable_params(optimizer) if p.grad is not None and not p.grad.is_sparse]
+        norm = None
+        if with_grad:
+            reducer = self._reducer_for(with_grad)
+            grads = [_local(p.grad.detach()) for p in with_grad]
+            device = grads[0].device
+            partials = [_squares(grads, device)]
+            if sampled:
+                partials += [_above(grads, self._threshold, device),
+                             torch.tensor([float(g.numel()) for g in grads], dtype=torch.float64, device=device)]
+            totals = reducer.sums(partials)
+            norm = totals[0].sqrt().float()
+            if sampled:
+                self._out = StepValues()
                 self._out.gauge(GRAD_NORM, norm)
                 if self._prev_norm is not None and self._prev_norm[0] == step - 1:
                     previous = self._prev_norm[1].to(norm.device)
                     self._out.gauge(GRAD_NORM_DECAY_RATE, (previous - norm) / (previous + 1e-8))
-                self._out.gauge(GRAD_SPARSITY, _fraction_at_most(grads, self._threshold, norm.device),
-                                {ATTR_PARAM_GROUP: "all"})
-            if self._updates and params:
-                self._before = torch._foreach_mul([p.detach() for p in params], 1.0)
+                self._out.gauge(GRAD_SPARSITY, (totals[2] - totals[1]) / totals[2], {ATTR_PARAM_GROUP: "all"})
+        if sampled and self._updates:
+            params = [_local(p.detach()) for p in trainable_params(optimizer)]
+            self._before = torch._foreach_mul(params, 1.0) if params else None
         self._prev_norm = (step, norm) if norm is not None else None
 
     @torch.no_grad()
@@ -93,10 +156,17 @@ class OptimizerProbe:
         before, self._before = self._before, None
         if before is None:
             return out
-        after = [p.detach() for p in trainable_params(optimizer)]
-        if len(after) != len(before):  # param groups changed during the step: no honest update ratio
+        params = trainable_params(optimizer)
+        if len(params) != len(before):  # param groups changed during the step: no honest update ratio
             return out
-        delta = torch._foreach_sub(after, before)
-        out.gauge(PARAM_UPDATE_RATIO, global_norm(delta) / global_norm(before))
-        out.gauge(PARAM_UPDATE_VARIANCE_RATIO, self._sample.variance_ratio(delta))
+        reducer = self._reducer_for(params)
+        delta = torch._foreach_sub([_local(p.detach()) for p in params], before)
+        device = before[0].device
+        totals = reducer.sums([_squares(delta, device), _squares(before, device)])
+        out.gauge(PARAM_UPDATE_RATIO, (totals[0] / totals[1]).sqrt())
+        replicated = [d for d, sharded in zip(delta, reducer.sharded) if not sharded]
+        if replicated:
+            out.gauge(PARAM_UPDATE_VARIANCE_RATIO, self._sample.variance_ratio(replicated))
+        else:  # every coordinate lives on exactly one rank: ranks cannot disagree about it
+            out.gauge(PARAM_UPDATE_VARIANCE_RATIO, torch.zeros((), dtype=torch.float64, device=device))
         return out

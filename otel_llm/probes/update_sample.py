@@ -8,13 +8,18 @@ more coordinates than the sample size, every coordinate is used (exact).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-__all__ = ["CoordinateSample", "variance_ratio_from_sums"]
+__all__ = ["CoordinateSample", "data_parallel_world", "variance_ratio_from_sums"]
 
-AllReduce = Callable[[torch.Tensor], None]
+
+def data_parallel_world() -> int:
+    """World size of the default process group, 1 when torch.distributed is not initialised."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
 
 
 def variance_ratio_from_sums(sum_delta: torch.Tensor, sum_sq: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -28,11 +33,9 @@ def variance_ratio_from_sums(sum_delta: torch.Tensor, sum_sq: torch.Tensor, worl
 class CoordinateSample:
     """Per-parameter flat indices of the shared sample, drawn lazily on first use."""
 
-    def __init__(self, size: int, seed: int, world_size: int, all_reduce: AllReduce | None = None) -> None:
+    def __init__(self, size: int, seed: int) -> None:
         self._size = size
         self._seed = seed
-        self._world_size = world_size
-        self._all_reduce = all_reduce
         self._indices: list[torch.Tensor | None] | None = None
         self._shapes: list[int] = []
 
@@ -61,11 +64,18 @@ class CoordinateSample:
         return torch.cat([p.to(device, torch.float64) for p in parts])
 
     def variance_ratio(self, deltas: list[torch.Tensor]) -> torch.Tensor:
-        """#4 for this step: 0 with one rank, else one all-reduce of (delta, delta^2)."""
-        if self._world_size <= 1 or self._all_reduce is None:
+        """#4 for this step: 0 with one rank, else one all-reduce of (delta, delta^2) on the default group.
+
+        The process group is looked up now, not at construction, because zero-code
+        sessions start before the script calls ``init_process_group``.
+        """
+        world = data_parallel_world()
+        if world <= 1:
             return torch.zeros((), dtype=torch.float64, device=deltas[0].device)
+        import torch.distributed as dist
+
         sampled = self.gather(deltas)
         sums = torch.cat([sampled, sampled.square()])
-        self._all_reduce(sums)
+        dist.all_reduce(sums)
         half = sampled.numel()
-        return variance_ratio_from_sums(sums[:half], sums[half:], self._world_size)
+        return variance_ratio_from_sums(sums[:half], sums[half:], world)
