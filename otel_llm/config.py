@@ -190,6 +190,12 @@ class Config:
     update_sample_seed: int = _option(
         env.OTEL_LLM_UPDATE_SAMPLE_SEED, _non_negative_int, 0,
         "Seed of that coordinate sample (equal on every rank).")
+    attention_queries: int = _option(
+        env.OTEL_LLM_ATTENTION_QUERIES, _positive_int, 64,
+        "Query positions per attention call behind the attention signals (the last is always one).")
+    layers_path: str | None = _option(
+        env.OTEL_LLM_LAYERS_PATH, _optional_path, None,
+        "Dotted path of the decoder layer ModuleList (e.g. `model.layers`); found automatically if unset.")
     shutdown_timeout: float = _option(
         env.OTEL_LLM_SHUTDOWN_TIMEOUT, _positive_float, 2.0,
         "Upper bound in seconds on `shutdown()` and flushes.")
@@ -208,6 +214,9 @@ class Config:
     service_name: str = _option(
         "OTEL_SERVICE_NAME", _text, "otel-llm-training",
         "`service.name` resource attribute.")
+    export_ranks: str = _option(
+        env.OTEL_LLM_EXPORT_RANKS, _choice("all", "zero"), "all",
+        "Which data-parallel ranks export: `all`, or `zero` (rank 0 only; the others still compute).")
 
     def __post_init__(self) -> None:
         for spec in fields(self):

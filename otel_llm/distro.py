@@ -18,6 +18,7 @@ from opentelemetry.sdk._configuration import _BaseConfigurator
 
 from otel_llm.config import Config
 from otel_llm.provider import ProviderBundle, build_provider
+from otel_llm.rank import is_launcher
 from otel_llm.schema import load_schema
 
 __all__ = ["OtelLlmConfigurator", "OtelLlmDistro", "take_configured_bundle"]
@@ -31,6 +32,8 @@ class OtelLlmConfigurator(_BaseConfigurator):
 
     def _configure(self, **kwargs: object) -> None:
         global _configured
+        if is_launcher():  # `opentelemetry-instrument torchrun ...`: only the workers train and export
+            return
         config = Config()
         schema = load_schema(config.schema_path) if config.schema_path else ()
         _configured = build_provider(config, schema)

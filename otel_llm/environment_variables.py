@@ -8,8 +8,11 @@ a job spec never stops training.
 from typing import Final
 
 __all__ = [
+    "OTEL_LLM_ATTENTION_QUERIES",
     "OTEL_LLM_DISABLED_SIGNALS",
+    "OTEL_LLM_EXPORT_RANKS",
     "OTEL_LLM_GRAD_SPARSITY_THRESHOLD",
+    "OTEL_LLM_LAYERS_PATH",
     "OTEL_LLM_SAMPLING",
     "OTEL_LLM_SAMPLING_INTERVAL",
     "OTEL_LLM_SCHEMA",
@@ -45,3 +48,12 @@ OTEL_LLM_UPDATE_SAMPLE_SEED: Final = "OTEL_LLM_UPDATE_SAMPLE_SEED"
 
 OTEL_LLM_SHUTDOWN_TIMEOUT: Final = "OTEL_LLM_SHUTDOWN_TIMEOUT"
 """Upper bound in seconds on ``shutdown()``/flush, whatever the collector does (default 2)."""
+
+OTEL_LLM_ATTENTION_QUERIES: Final = "OTEL_LLM_ATTENTION_QUERIES"
+"""Query positions per attention call sampled for the attention signals, last one included (default 64)."""
+
+OTEL_LLM_LAYERS_PATH: Final = "OTEL_LLM_LAYERS_PATH"
+"""Dotted path of the model's decoder layer ModuleList (e.g. ``model.layers``) when automatic discovery is wrong."""
+
+OTEL_LLM_EXPORT_RANKS: Final = "OTEL_LLM_EXPORT_RANKS"
+"""Which data-parallel ranks export: ``all`` (default) or ``zero`` (rank 0 only)."""

@@ -16,6 +16,7 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 
 from otel_llm import distro
 from otel_llm.config import Config
+from otel_llm.rank import is_launcher
 from otel_llm.session import Instrumentation
 
 __all__ = ["TorchInstrumentor"]
@@ -34,6 +35,8 @@ class TorchInstrumentor(BaseInstrumentor):
         return _instruments
 
     def _instrument(self, **kwargs: Any) -> None:
+        if is_launcher():  # torchrun's launcher process: its workers are instrumented, not it
+            return
         config = kwargs.get("config") or Config()
         meter_provider = kwargs.get("meter_provider")
         bundle = distro.take_configured_bundle() if meter_provider is None else None

@@ -32,7 +32,7 @@ from opentelemetry.sdk.resources import Resource
 from otel_llm import _prometheus_server
 from otel_llm.catalog import MetricSpec
 from otel_llm.config import Config
-from otel_llm.rank import RankInfo, rank_info
+from otel_llm.rank import RankInfo, exports, rank_info
 from otel_llm.views import build_views
 
 __all__ = ["ProviderBundle", "build_provider", "run_bounded"]
@@ -179,15 +179,16 @@ def build_provider(config: Config, extra_specs: Iterable[MetricSpec] = (),
     """
     ranks = rank_info()
     readers: list[MetricReader] = list(extra_readers)
+    exporters = config.exporters if exports(ranks, config.export_ranks) else ()
     otlp_reader = None
     otlp_exporter = None
     endpoint = None
-    if "prometheus" in config.exporters:
+    if "prometheus" in exporters:
         served = _prometheus_reader(config, ranks)
         if served is not None:
             readers.append(served[0])
             endpoint = served[1]
-    if "otlp" in config.exporters:
+    if "otlp" in exporters:
         otlp_exporter = ForkSafeExporter(_otlp_exporter())
         otlp_reader = PeriodicExportingMetricReader(otlp_exporter, export_interval_millis=config.export_interval_ms)
         readers.append(otlp_reader)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["RankInfo", "rank_info"]
+__all__ = ["RankInfo", "exports", "is_launcher", "rank_info"]
 
 
 @dataclass(frozen=True)
@@ -35,3 +35,16 @@ def rank_info() -> RankInfo:
     except ImportError:  # pragma: no cover - torch always ships torch.distributed stubs
         pass
     return RankInfo(_env_int("RANK", 0), local_rank, _env_int("WORLD_SIZE", 1))
+
+
+def exports(ranks: RankInfo, policy: str) -> bool:
+    """Whether this rank exports under ``policy`` (``all`` or ``zero``)."""
+    return policy == "all" or ranks.rank == 0
+
+
+def is_launcher() -> bool:
+    """True in torchrun's own launcher process, which trains nothing and must not take a rank's port."""
+    import sys
+
+    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return program == "torchrun" or (program == "run.py" and "torch/distributed" in sys.argv[0].replace("\\", "/"))
