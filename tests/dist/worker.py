@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -151,15 +152,39 @@ def run_export(args: argparse.Namespace, rank: int, world: int) -> dict:
     return {"prometheus_url": url, "steps": session.step}
 
 
+def run_dies(args: argparse.Namespace, rank: int, world: int) -> dict:
+    """Rank 1 dies before a sampled step's update: rank 0's telemetry collective must not hang."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    model = DistributedDataParallel(GPT(vocab=VOCAB))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    session = otel_llm.Instrumentation(model, optimizer,
+                                       config=otel_llm.Config(sampling_interval=1, exporters="none"))
+    for step in range(3):
+        idx = batch(step, rank)
+        _, loss = model(idx, idx)
+        loss.backward()
+        if step == 2 and rank == 1:
+            os._exit(0)
+        started = time.monotonic()
+        optimizer.step()  # the post-step hook all-reduces the update sample on this sampled step
+        optimizer.zero_grad()
+    result = {"rank": rank, "world": world, "local_rank": 0, "last_step_seconds": time.monotonic() - started,
+              "steps": session.step}
+    (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(result))
+    os._exit(0)  # the group lost a member: tearing it down would wait on the dead rank
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("ddp", "fsdp", "export"))
+    parser.add_argument("mode", choices=("ddp", "fsdp", "export", "dies"))
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timedelta(seconds=20))
     rank, world = dist.get_rank(), dist.get_world_size()
-    result = {"ddp": run_ddp, "fsdp": run_fsdp, "export": run_export}[args.mode](args, rank, world)
+    result = {"ddp": run_ddp, "fsdp": run_fsdp, "export": run_export, "dies": run_dies}[args.mode](args, rank, world)
     result.update(rank=rank, world=world, local_rank=int(os.environ["LOCAL_RANK"]))
     (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
