@@ -1,4 +1,4 @@
-"""The ``otel-llm`` command: inspect the metric catalog."""
+"""The ``otel-llm`` command: inspect the metric catalog and print the operations kit built from it."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 from otel_llm.catalog import CATALOG
 from otel_llm.docs import config_table, metric_table, threshold_table
+from otel_llm.ops import dashboard, rules
+from otel_llm.ops.promql import NAMINGS
 
 __all__ = ["main"]
 
@@ -29,8 +31,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     catalog.add_argument("--format", choices=("table", "json", "markdown"), default="table")
     docs = commands.add_parser("docs", help="print a README table rendered from the code")
     docs.add_argument("table", choices=("metrics", "thresholds", "config"))
+    naming_help = "series names of otel_llm's endpoint (scrape) or of OTLP via a Collector/VictoriaMetrics (otlp)"
+    for name, help_text in (("rules", "print Prometheus recording and alerting rules (YAML)"),
+                            ("dashboard", "print the Grafana dashboard (JSON)")):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--naming", choices=NAMINGS, default="scrape", help=naming_help)
     args = parser.parse_args(argv)
-    if args.command == "catalog":
+    if args.command == "rules":
+        print(rules.render(args.naming), end="")
+    elif args.command == "dashboard":
+        print(dashboard.render(args.naming), end="")
+    elif args.command == "catalog":
         if args.format == "json":
             print(json.dumps([spec.to_json() for spec in CATALOG], indent=2))
         elif args.format == "markdown":

@@ -1,0 +1,42 @@
+"""What to check first when an otel_llm alert fires, by alert name (the ``runbook`` annotation)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = ["RUNBOOKS"]
+
+RUNBOOKS: Final[dict[str, str]] = {
+    "LlmGradNormDecayRateHigh": (
+        "The gradient norm keeps falling by more than 85% between consecutive steps: look for vanishing "
+        "gradients (loss plateau, learning rate decayed to ~0, dead activations); compare llm_grad_norm with "
+        "llm_train_learning_rate."),
+    "LlmGradNormDecayRateLow": (
+        "The gradient norm keeps growing by more than 10% per step, often the start of a loss spike: check "
+        "llm_train_loss, llm_logits_z_loss and the warmup; consider gradient clipping or a lower learning rate."),
+    "LlmParamUpdateRatioHigh": (
+        "Each step moves the weights by more than 1% (healthy is about 1e-3): lower the learning rate or "
+        "lengthen warmup; check llm_grad_norm for spikes."),
+    "LlmParamUpdateVarianceRatioHigh": (
+        "Data-parallel ranks applied different updates: check that gradients are all-reduced (DDP/FSDP "
+        "wrapping, no_sync use), seeds and optimizer state; at critical the replicas have diverged, so stop "
+        "and resume from the last checkpoint."),
+    "LlmAttentionHeadEntropyHigh": (
+        "Attention in this layer spreads almost uniformly over the keys: look for a broken mask or positional "
+        "encoding, or collapse after a learning-rate change; compare llm_attention_logit_max and "
+        "llm_attention_sink_ratio of the layer."),
+    "LlmLoraRankActivationRatioHigh": (
+        "The LoRA adapters of this layer use nearly all of their rank: raise the rank r for these modules or "
+        "accept the capacity limit."),
+    "LlmKvCacheHitRatioLow": (
+        "Fewer than 60% of K/V entries come from the cache: check prefix caching, cache size and eviction, and "
+        "request batching; compare rate(llm_kv_cache_hits_total) / rate(llm_kv_cache_lookups_total)."),
+    "LlmMemoryPressureHigh": (
+        "Device memory is nearly full: reduce the micro-batch size or sequence length, enable activation "
+        "checkpointing, or look for a leak if pressure grows with the step count; at critical an OOM is "
+        "imminent."),
+    "LlmTelemetryNonfiniteIncreasing": (
+        "The signal in llm_signal came out NaN/Inf and was counted instead of exported: for llm.train.loss or "
+        "llm.grad.norm the run has likely diverged; check the learning rate, AMP loss scaling and the data "
+        "around that step, and resume from the last good checkpoint."),
+}
