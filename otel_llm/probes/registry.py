@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from otel_llm.catalog import ROPE_ANGLE_DEVIATION
 from otel_llm.config import Config
+from otel_llm.probes.attention import ATTENTION_SIGNALS, AttentionProbe
 from otel_llm.probes.base import ModelProbe
+from otel_llm.probes.rope import RopeProbe
 
 __all__ = ["build_model_probes"]
 
@@ -11,4 +14,8 @@ __all__ = ["build_model_probes"]
 def build_model_probes(config: Config) -> list[ModelProbe]:
     """One probe per signal family that is not entirely disabled."""
     probes: list[ModelProbe] = []
+    if not all(config.is_disabled(name) for name in ATTENTION_SIGNALS):
+        probes.append(AttentionProbe(config))
+    if not config.is_disabled(ROPE_ANGLE_DEVIATION):
+        probes.append(RopeProbe(config))
     return probes

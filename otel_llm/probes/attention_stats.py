@@ -1,0 +1,124 @@
+"""Attention statistics of one layer, recomputed from q and k on a subsample of queries.
+
+Everything stays on the device as running sums, so several calls per layer
+(gradient accumulation micro-batches) combine exactly: entropy and sink ratio
+are sums over counts, the logit max is a running max, and the head-output Gram
+matrix adds up, which is the same as flattening all calls' outputs together.
+Probabilities are the softmax before dropout; nothing here touches the RNG.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from otel_llm.probes.attention_calls import AttentionCall
+
+__all__ = ["LayerStatistics", "query_positions"]
+
+
+def query_positions(length: int, wanted: int, device: torch.device) -> torch.Tensor:
+    """``min(length, wanted)`` evenly spaced positions in ``[0, length)``, always including the last."""
+    count = min(length, wanted)
+    if count == length:
+        return torch.arange(length, device=device)
+    spaced = torch.linspace(0, length - 1, count, device=device, dtype=torch.float64).round().long()
+    return (length - 1 - spaced).flip(0)
+
+
+def _as_4d(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.is_nested or tensor.dim() not in (3, 4):
+        raise ValueError(f"unsupported attention tensor layout {tuple(tensor.shape)}")
+    return tensor if tensor.dim() == 4 else tensor.unsqueeze(0)
+
+
+def _allowed_and_bias(call: AttentionCall, positions: torch.Tensor, query_len: int, key_len: int
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Which keys each sampled query may attend (broadcastable to B,H,n,K) and the additive bias."""
+    allowed: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    if call.is_causal:  # SDPA's causal mask is aligned top-left
+        allowed = positions[:, None] >= torch.arange(key_len, device=positions.device)[None, :]
+    mask = call.attn_mask
+    if mask is not None:
+        if mask.dim() < 2 or mask.shape[-1] not in (1, key_len) or mask.shape[-2] not in (1, query_len):
+            raise ValueError(f"unsupported attention mask layout {tuple(mask.shape)}")
+        if mask.shape[-2] == query_len and query_len > 1:
+            mask = mask.index_select(-2, positions)
+        if mask.dtype == torch.bool:
+            allowed = mask if allowed is None else allowed & mask
+        else:
+            floor = torch.finfo(mask.dtype).min
+            keep = mask > floor  # transformers and most code mask with the dtype's minimum or -inf
+            allowed = keep if allowed is None else allowed & keep
+            bias = mask.float()
+    return allowed, bias
+
+
+class LayerStatistics:
+    """Running sums behind the four per-layer attention signals."""
+
+    def __init__(self, heads: int, device: torch.device) -> None:
+        self.heads = heads
+        self.entropy_sum = torch.zeros(heads, device=device)
+        self.entropy_count = torch.zeros(heads, device=device)
+        self.logit_max = torch.full((), -math.inf, device=device)
+        self.sink_sum = torch.zeros((), device=device)
+        self.sink_count = torch.zeros((), device=device)
+        self.gram = torch.zeros(heads, heads, device=device)
+
+    def add(self, call: AttentionCall, max_queries: int) -> None:
+        """Fold one call into the sums; ValueError for layouts it does not understand."""
+        query, key, value = _as_4d(call.query), _as_4d(call.key), _as_4d(call.value)
+        batch, heads, query_len, dim = query.shape
+        kv_heads, key_len = key.shape[1], key.shape[2]
+        if heads != self.heads or heads % kv_heads or value.shape[1] != kv_heads or value.shape[2] != key_len:
+            raise ValueError(f"unsupported head layout q{tuple(query.shape)} k{tuple(key.shape)}")
+        groups = heads // kv_heads
+        positions = query_positions(query_len, max_queries, query.device)
+        scale = call.scale if call.scale is not None else 1.0 / math.sqrt(dim)
+        sampled = query.index_select(2, positions).float().view(batch, kv_heads, groups, -1, dim)
+        keys = key.float().unsqueeze(2)  # B, Hk, 1, K, D: each K/V head serves its group of query heads
+        logits = (sampled @ keys.transpose(-1, -2)).mul_(scale).view(batch, heads, -1, key_len)
+        if call.softcap is not None:
+            logits = torch.tanh(logits / call.softcap).mul_(call.softcap)
+        allowed, bias = _allowed_and_bias(call, positions, query_len, key_len)
+        if bias is not None:
+            logits = logits + bias
+        if allowed is None:
+            allowed = torch.ones((), dtype=torch.bool, device=query.device)
+        allowed = allowed.expand_as(logits)
+        logits = logits.masked_fill(~allowed, -math.inf)
+        valid = allowed.any(-1)  # rows with no key to attend are excluded everywhere
+        probs = torch.softmax(torch.where(valid[..., None], logits, 0.0), dim=-1) * valid[..., None]
+
+        self.entropy_sum += -torch.special.xlogy(probs, probs).sum(-1).sum((0, 2))
+        self.entropy_count += valid.sum((0, 2))
+        self.logit_max = torch.maximum(self.logit_max, logits.amax())
+        later = valid & (positions > 0)
+        self.sink_sum += (probs[..., 0] * later).sum()
+        self.sink_count += later.sum()
+        outputs = probs.view(batch, kv_heads, groups, -1, key_len) @ value.float().unsqueeze(2)
+        per_head = outputs.view(batch, heads, -1, outputs.shape[-1]).transpose(0, 1).reshape(heads, -1)
+        self.gram += per_head @ per_head.T
+
+    def entropy(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean entropy per head over its sampled queries, and which heads saw any."""
+        return self.entropy_sum / self.entropy_count.clamp_min(1), self.entropy_count > 0
+
+    def sink_ratio(self) -> torch.Tensor:
+        return self.sink_sum / self.sink_count
+
+    def divergence_max(self) -> torch.Tensor:
+        """Max over heads of the (population) variance of its cosine similarity to the other heads."""
+        heads = self.heads
+        if heads < 3:
+            return torch.zeros((), device=self.gram.device)
+        gram = self.gram.double()
+        norms = gram.diagonal().clamp_min(0).sqrt().clamp_min(1e-30)
+        cosine = gram / (norms[:, None] * norms[None, :])
+        off = ~torch.eye(heads, dtype=torch.bool, device=gram.device)
+        mean = (cosine * off).sum(1, keepdim=True) / (heads - 1)
+        variance = (((cosine - mean) ** 2) * off).sum(1) / (heads - 1)
+        return variance.amax()
