@@ -423,3 +423,67 @@ def test_scrape_shows_every_layer(sessions):
         for gauge in ("llm_attention_head_divergence_max", "llm_attention_logit_max", "llm_attention_sink_ratio"):
             assert [line for line in lines if line.startswith(gauge + "{") and f'llm_layer="{layer}"' in line]
     assert [line for line in lines if line.startswith("llm_rope_angle_deviation_rad")]
+
+
+class SoftmaxAttention(nn.Module):
+    """nanoGPT's non-flash path: explicit q·kᵀ, -inf causal mask, F.softmax, dropout, @ v."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.heads = heads
+        self.c_attn = nn.Linear(dim, 3 * dim)
+        self.c_proj = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in self.c_attn(x).split(c, dim=2))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(torch.ones(t, t, dtype=torch.bool).tril().logical_not(), float("-inf"))
+        att = self.drop(F.softmax(att, dim=-1))
+        return self.c_proj((att @ v).transpose(1, 2).reshape(b, t, c))
+
+
+def test_explicit_softmax_attention_matches_reference_without_divergence(harness):
+    torch.manual_seed(0)
+    model = GPT(vocab=VOCAB)
+    for block in model.transformer.h:
+        block.attn = SoftmaxAttention(dropout=0.2)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    h = harness(model, optimizer, sampling_interval=1, attention_queries=7)
+    capture = Capture("nanogpt", attention_modules(model, "nanogpt"), 4)
+    idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    model(idx, idx)[1].backward()
+    qkv = capture.qkv()
+    optimizer.step()
+    m = h.collect()
+    rows = query_positions(16, 7, torch.device("cpu")).tolist()
+    for layer, (q, k, v, scale) in enumerate(qkv):
+        ref = reference_signals([(q, k, v, scale, causal_padding_mask(16, None, 2))], positions=rows)
+        assert rel_close(m.value("llm.attention.logit_max", llm_layer=str(layer)), ref.logit_max)
+        assert rel_close(m.value("llm.attention.sink_ratio", llm_layer=str(layer)), ref.sink_ratio)
+        check_entropy_histogram(m, str(layer), ref.entropies)
+    assert "llm.attention.head_divergence_max" not in m.names()
+
+
+def test_gpt2_reordered_upcast_eager_attention_is_seen_through_softmax(harness):
+    """GPT-2's reorder_and_upcast_attn path bypasses eager_attention_forward and calls softmax itself."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                           attn_implementation="eager", reorder_and_upcast_attn=True, bos_token_id=1, eos_token_id=2)
+    model = tf.GPT2LMHeadModel(config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    h = harness(model, optimizer, sampling_interval=1)
+    capture = Capture("gpt2", attention_modules(model, "gpt2"), 4)
+    batch = hf_batch(0, True)
+    model(**batch).loss.backward()
+    optimizer.step()
+    m = h.collect()
+    for layer, (q, k, v, scale) in enumerate(capture.qkv()):
+        ref = reference_signals([(q, k, v, scale, causal_padding_mask(LENGTH, batch["attention_mask"], 3))])
+        assert rel_close(m.value("llm.attention.logit_max", llm_layer=str(layer)), ref.logit_max)
+        assert rel_close(m.value("llm.attention.sink_ratio", llm_layer=str(layer)), ref.sink_ratio)
+        check_entropy_histogram(m, str(layer), ref.entropies)

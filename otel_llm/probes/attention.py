@@ -1,4 +1,4 @@
-"""Attention probe: signals #8-#11 per decoder layer, from SDPA and eager attention calls.
+"""Attention probe: signals #8-#11 per decoder layer, from SDPA, eager and explicit-softmax attention.
 
 Forward hooks on the decoder layers say which layer is running; the
 interceptors of :mod:`otel_llm.probes.attention_calls` deliver each attention
@@ -9,7 +9,8 @@ training mode, which covers reentrant activation checkpointing's no-grad first
 pass); calls made while autograd replays a checkpointed forward during
 backward are skipped because the step's forward already counted them.
 When no decoder layer stack is found, the n-th attention call of each model
-forward is attributed to layer n.
+forward is attributed to layer n. A layer seen only through explicit softmax
+scores has no head divergence (the values are not visible there).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from otel_llm.catalog import (
 )
 from otel_llm.config import Config
 from otel_llm.probes import attention_calls
-from otel_llm.probes.attention_calls import AttentionCall
+from otel_llm.probes.attention_calls import AttentionCall, ScoresCall
 from otel_llm.probes.attention_stats import LayerStatistics
 from otel_llm.probes.base import ModelProbe, StepValues
 from otel_llm.probes.layers import LayerIndex
@@ -103,7 +104,7 @@ class AttentionProbe(ModelProbe):
     def _new_forward(self, module: torch.nn.Module, args: Any) -> None:
         self._calls_in_forward = 0
 
-    def _on_call(self, bind: Callable[[], AttentionCall]) -> None:
+    def _on_call(self, bind: Callable[[], AttentionCall | ScoresCall]) -> None:
         if not self.sampled or _in_backward():
             return
         if self._by_order:
@@ -120,11 +121,15 @@ class AttentionProbe(ModelProbe):
         try:
             call = bind()
             with torch.no_grad():
+                lead = call.scores if isinstance(call, ScoresCall) else call.query
                 stats = self._layers.get(layer)
                 if stats is None:
-                    heads = call.query.shape[-3] if call.query.dim() >= 3 else 0
-                    stats = self._layers[layer] = LayerStatistics(heads, call.query.device)
-                stats.add(call, self.config.attention_queries)
+                    heads = lead.shape[-3] if lead.dim() >= 3 else 0
+                    stats = self._layers[layer] = LayerStatistics(heads, lead.device)
+                if isinstance(call, ScoresCall):
+                    stats.add_scores(call, self.config.attention_queries)
+                else:
+                    stats.add(call, self.config.attention_queries)
         except Exception as exc:  # noqa: BLE001 - an unfamiliar call is skipped, never raised into training
             self._skip(exc)
 
@@ -149,7 +154,7 @@ class AttentionProbe(ModelProbe):
             if not cfg.is_disabled(ATTENTION_HEAD_ENTROPY):
                 entropy, keep = stats.entropy()
                 values.histogram(ATTENTION_HEAD_ENTROPY, entropy, attributes, keep)
-            if not cfg.is_disabled(ATTENTION_HEAD_DIVERGENCE_MAX):
+            if stats.has_outputs and not cfg.is_disabled(ATTENTION_HEAD_DIVERGENCE_MAX):
                 values.gauge(ATTENTION_HEAD_DIVERGENCE_MAX, stats.divergence_max(), attributes)
             if not cfg.is_disabled(ATTENTION_LOGIT_MAX):
                 values.gauge(ATTENTION_LOGIT_MAX, stats.logit_max, attributes)

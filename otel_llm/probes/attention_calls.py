@@ -11,9 +11,16 @@ attention_mask, scaling, dropout, **kwargs)`` that its attention class resolves
 from its module globals at call time. Wrapping that global, per modelling
 module found in the model, hands the listener the same q, k, v, mask and scale
 as SDPA would get, so ``eager`` and ``sdpa`` yield the same statistics,
-including the head outputs behind the divergence signal, which an interceptor
-on ``softmax`` could not see. Both wrappers call the original first and return
-its result untouched; listeners run afterwards and only read the inputs.
+including the head outputs behind the divergence signal.
+
+Attention written out by hand (an explicit ``F.softmax`` over q·kᵀ, as in
+nanoGPT's non-flash path or transformers releases before the interface) is
+seen through a wrapper on ``torch.nn.functional.softmax``: a 4-D softmax over
+the last dimension is taken as attention scores. Those give every signal but
+the head divergence, which needs the values. Softmax calls made inside the
+wrapped eager function are not delivered again. Every wrapper calls the
+original first and returns its result untouched; listeners run afterwards and
+only read the inputs.
 """
 
 from __future__ import annotations
@@ -27,10 +34,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AttentionCall", "add_listener", "eager_globals", "original_sdpa", "patch_eager",
-           "remove_listener", "unpatch_eager"]
+__all__ = ["AttentionCall", "ScoresCall", "add_listener", "eager_globals", "original_sdpa", "original_softmax",
+           "patch_eager", "remove_listener", "unpatch_eager"]
 
 original_sdpa = F.scaled_dot_product_attention
+original_softmax = F.softmax
 _EAGER = "eager_attention_forward"
 
 
@@ -52,11 +60,19 @@ class AttentionCall:
     softcap: float | None = None
 
 
-Listener = Callable[[Callable[[], AttentionCall]], None]
+@dataclass(frozen=True)
+class ScoresCall:
+    """Attention scores (B, H, queries, keys) as handed to softmax: scaled, masked additively."""
+
+    scores: torch.Tensor
+
+
+Listener = Callable[[Callable[[], "AttentionCall | ScoresCall"]], None]
 """Receives a thunk that binds the call; listeners not interested never pay for binding."""
 
 _listeners: list[Listener] = []
 _lock = threading.Lock()
+_inside = threading.local()
 _patched: dict[int, tuple[dict[str, Any], Callable[..., Any], int]] = {}
 
 
@@ -74,9 +90,22 @@ def _bind_eager(module: Any, query: torch.Tensor, key: torch.Tensor, value: torc
     return AttentionCall(query, key, value, attention_mask, False, scaling, softcap or None)
 
 
-def _deliver(bind: Callable[[], AttentionCall]) -> None:
+def _deliver(bind: Callable[[], AttentionCall | ScoresCall]) -> None:
     for listener in _listeners:
         listener(bind)
+
+
+def _is_scores(input: Any, dim: Any) -> bool:
+    return (isinstance(input, torch.Tensor) and input.dim() == 4 and dim in (-1, 3)
+            and not getattr(_inside, "eager", False))
+
+
+@functools.wraps(original_softmax)
+def _intercepted_softmax(input: torch.Tensor, dim: int | None = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+    result = original_softmax(input, dim, *args, **kwargs)
+    if _listeners and _is_scores(input, dim):
+        _deliver(lambda: ScoresCall(input))
+    return result
 
 
 @functools.wraps(original_sdpa)
@@ -90,7 +119,12 @@ def _intercepted_sdpa(*args: Any, **kwargs: Any) -> torch.Tensor:
 def _eager_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def eager_attention_forward(*args: Any, **kwargs: Any) -> Any:
-        result = original(*args, **kwargs)
+        outer = getattr(_inside, "eager", False)
+        _inside.eager = True
+        try:
+            result = original(*args, **kwargs)
+        finally:
+            _inside.eager = outer
         if _listeners:
             _deliver(lambda: _bind_eager(*args, **kwargs))
         return result
@@ -100,20 +134,23 @@ def _eager_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def add_listener(listener: Listener) -> None:
-    """Deliver attention calls to ``listener``; installs the SDPA wrapper on first use."""
+    """Deliver attention calls to ``listener``; installs the SDPA and softmax wrappers on first use."""
     global _listeners
     with _lock:
         _listeners = [*_listeners, listener]
         F.scaled_dot_product_attention = _intercepted_sdpa
+        F.softmax = _intercepted_softmax
 
 
 def remove_listener(listener: Listener) -> None:
-    """Stop delivering to ``listener``; the last removal restores the original SDPA."""
+    """Stop delivering to ``listener``; the last removal restores the original functions."""
     global _listeners
     with _lock:
         _listeners = [item for item in _listeners if item != listener]
         if not _listeners and F.scaled_dot_product_attention is _intercepted_sdpa:
             F.scaled_dot_product_attention = original_sdpa
+        if not _listeners and F.softmax is _intercepted_softmax:
+            F.softmax = original_softmax
 
 
 def eager_globals(model: torch.nn.Module) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from otel_llm.probes.attention_calls import AttentionCall
+from otel_llm.probes.attention_calls import AttentionCall, ScoresCall
 
 __all__ = ["LayerStatistics", "query_positions"]
 
@@ -67,6 +67,7 @@ class LayerStatistics:
         self.sink_sum = torch.zeros((), device=device)
         self.sink_count = torch.zeros((), device=device)
         self.gram = torch.zeros(heads, heads, device=device)
+        self.has_outputs = False  # scores-only calls (explicit softmax) cannot give head outputs
 
     def add(self, call: AttentionCall, max_queries: int) -> None:
         """Fold one call into the sums; ValueError for layouts it does not understand."""
@@ -88,20 +89,34 @@ class LayerStatistics:
             logits = logits + bias
         if allowed is None:
             allowed = torch.ones((), dtype=torch.bool, device=query.device)
+        probs = self._fold(logits, allowed, positions)
+        outputs = probs.view(batch, kv_heads, groups, -1, key_len) @ value.float().unsqueeze(2)
+        per_head = outputs.view(batch, heads, -1, outputs.shape[-1]).transpose(0, 1).reshape(heads, -1)
+        self.gram += per_head @ per_head.T
+        self.has_outputs = True
+
+    def add_scores(self, call: ScoresCall, max_queries: int) -> None:
+        """Fold softmax input scores (B, H, queries, keys); -inf or the dtype's minimum marks masked keys."""
+        scores = call.scores
+        if scores.is_nested or scores.dim() != 4 or scores.shape[1] != self.heads:
+            raise ValueError(f"unsupported attention score layout {tuple(scores.shape)}")
+        positions = query_positions(scores.shape[2], max_queries, scores.device)
+        sampled = scores.index_select(2, positions)
+        self._fold(sampled.float(), sampled > torch.finfo(scores.dtype).min, positions)
+
+    def _fold(self, logits: torch.Tensor, allowed: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Add entropy, logit max and sink terms of (B, H, n, K) logits; returns the probabilities."""
         allowed = allowed.expand_as(logits)
         logits = logits.masked_fill(~allowed, -math.inf)
         valid = allowed.any(-1)  # rows with no key to attend are excluded everywhere
         probs = torch.softmax(torch.where(valid[..., None], logits, 0.0), dim=-1) * valid[..., None]
-
         self.entropy_sum += -torch.special.xlogy(probs, probs).sum(-1).sum((0, 2))
         self.entropy_count += valid.sum((0, 2))
         self.logit_max = torch.maximum(self.logit_max, logits.amax())
         later = valid & (positions > 0)
         self.sink_sum += (probs[..., 0] * later).sum()
         self.sink_count += later.sum()
-        outputs = probs.view(batch, kv_heads, groups, -1, key_len) @ value.float().unsqueeze(2)
-        per_head = outputs.view(batch, heads, -1, outputs.shape[-1]).transpose(0, 1).reshape(heads, -1)
-        self.gram += per_head @ per_head.T
+        return probs
 
     def entropy(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean entropy per head over its sampled queries, and which heads saw any."""
