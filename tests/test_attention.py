@@ -487,3 +487,30 @@ def test_gpt2_reordered_upcast_eager_attention_is_seen_through_softmax(harness):
         assert rel_close(m.value("llm.attention.logit_max", llm_layer=str(layer)), ref.logit_max)
         assert rel_close(m.value("llm.attention.sink_ratio", llm_layer=str(layer)), ref.sink_ratio)
         check_entropy_histogram(m, str(layer), ref.entropies)
+
+
+def test_long_batches_are_processed_in_chunks_with_the_same_values(harness, monkeypatch):
+    """A logit budget smaller than one batch splits the work; the sums are the same as in one piece."""
+    from otel_llm.probes import attention_stats
+
+    values = {}
+    parts: list[int] = []
+    original = attention_stats._batch_chunks
+    monkeypatch.setattr(attention_stats, "_batch_chunks", lambda *a: parts.append(len(original(*a))) or original(*a))
+    for budget in (1 << 24, 4 * 12 * 12):  # whole batch / one sequence at a time
+        parts.clear()
+        monkeypatch.setattr(attention_stats, "_CHUNK_LOGITS", budget)
+        model = hf_model("llama", "sdpa")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        h = harness(model, optimizer, sampling_interval=1)
+        model(**hf_batch(0, True)).loss.backward()
+        optimizer.step()
+        m = h.collect()
+        values[budget] = {(n, p.attributes["llm.layer"]): p.value for n in GAUGES for p in m.points[n]}
+        values[budget]["entropy"] = sum(p.sum for p in m.points["llm.attention.head_entropy"])
+        assert parts == ([1, 1] if budget == 1 << 24 else [3, 3])  # one call per layer
+        h.session.shutdown()
+    small, whole = values[4 * 12 * 12], values[1 << 24]
+    assert small.keys() == whole.keys()
+    for key, value in whole.items():
+        assert rel_close(small[key], value, rel=1e-6), key

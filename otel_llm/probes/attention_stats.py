@@ -17,6 +17,9 @@ from otel_llm.probes.attention_calls import AttentionCall, ScoresCall
 
 __all__ = ["LayerStatistics", "query_positions"]
 
+_CHUNK_LOGITS = 1 << 24
+"""Most logits materialised at once (64 MiB in float32): long contexts are processed a few sequences at a time."""
+
 
 def query_positions(length: int, wanted: int, device: torch.device) -> torch.Tensor:
     """``min(length, wanted)`` evenly spaced positions in ``[0, length)``, always including the last."""
@@ -31,6 +34,22 @@ def _as_4d(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.is_nested or tensor.dim() not in (3, 4):
         raise ValueError(f"unsupported attention tensor layout {tuple(tensor.shape)}")
     return tensor if tensor.dim() == 4 else tensor.unsqueeze(0)
+
+
+def _batch_chunks(call: AttentionCall, queries: int) -> list[AttentionCall]:
+    """``call`` split along the batch so each part has at most ``_CHUNK_LOGITS`` sampled logits."""
+    batch, heads = call.query.shape[0], call.query.shape[1]
+    per_sequence = heads * min(queries, call.query.shape[2]) * call.key.shape[2]
+    step = max(1, _CHUNK_LOGITS // max(1, per_sequence))
+    if step >= batch:
+        return [call]
+    mask = call.attn_mask
+    split_mask = mask is not None and mask.dim() == 4 and mask.shape[0] == batch
+    return [AttentionCall(call.query[start:start + step], call.key[start:start + step],
+                          call.value[start:start + step],
+                          mask[start:start + step] if split_mask else mask,  # type: ignore[index]
+                          call.is_causal, call.scale, call.softcap)
+            for start in range(0, batch, step)]
 
 
 def _allowed_and_bias(call: AttentionCall, positions: torch.Tensor, query_len: int, key_len: int
@@ -71,7 +90,13 @@ class LayerStatistics:
 
     def add(self, call: AttentionCall, max_queries: int) -> None:
         """Fold one call into the sums; ValueError for layouts it does not understand."""
-        query, key, value = _as_4d(call.query), _as_4d(call.key), _as_4d(call.value)
+        call = AttentionCall(_as_4d(call.query), _as_4d(call.key), _as_4d(call.value), call.attn_mask,
+                             call.is_causal, call.scale, call.softcap)
+        for part in _batch_chunks(call, max_queries):
+            self._add(part, max_queries)
+
+    def _add(self, call: AttentionCall, max_queries: int) -> None:
+        query, key, value = call.query, call.key, call.value
         batch, heads, query_len, dim = query.shape
         kv_heads, key_len = key.shape[1], key.shape[2]
         if heads != self.heads or heads % kv_heads or value.shape[1] != kv_heads or value.shape[2] != key_len:
