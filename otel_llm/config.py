@@ -196,6 +196,16 @@ class Config:
     layers_path: str | None = _option(
         env.OTEL_LLM_LAYERS_PATH, _optional_path, None,
         "Dotted path of the decoder layer ModuleList (e.g. `model.layers`); found automatically if unset.")
+    mlp_output_path: str | None = _option(
+        env.OTEL_LLM_MLP_OUTPUT_PATH, _optional_path, None,
+        "Path of the MLP output projection inside each decoder layer (e.g. `mlp.down_proj`); found automatically "
+        "if unset.")
+    activation_sparsity_threshold: float = _option(
+        env.OTEL_LLM_ACTIVATION_SPARSITY_THRESHOLD, _non_negative_float, 1e-3,
+        "abs(activation) at or below this counts as zero in `llm.activation.sparsity`.")
+    activation_outlier_threshold: float = _option(
+        env.OTEL_LLM_ACTIVATION_OUTLIER_THRESHOLD, _positive_float, 6.0,
+        "A hidden dimension whose max abs reaches this is an outlier in `llm.activation.outlier_ratio`.")
     shutdown_timeout: float = _option(
         env.OTEL_LLM_SHUTDOWN_TIMEOUT, _positive_float, 2.0,
         "Upper bound in seconds on `shutdown()` and flushes.")

@@ -8,11 +8,14 @@ a job spec never stops training.
 from typing import Final
 
 __all__ = [
+    "OTEL_LLM_ACTIVATION_OUTLIER_THRESHOLD",
+    "OTEL_LLM_ACTIVATION_SPARSITY_THRESHOLD",
     "OTEL_LLM_ATTENTION_QUERIES",
     "OTEL_LLM_DISABLED_SIGNALS",
     "OTEL_LLM_EXPORT_RANKS",
     "OTEL_LLM_GRAD_SPARSITY_THRESHOLD",
     "OTEL_LLM_LAYERS_PATH",
+    "OTEL_LLM_MLP_OUTPUT_PATH",
     "OTEL_LLM_SAMPLING",
     "OTEL_LLM_SAMPLING_INTERVAL",
     "OTEL_LLM_SCHEMA",
@@ -54,6 +57,15 @@ OTEL_LLM_ATTENTION_QUERIES: Final = "OTEL_LLM_ATTENTION_QUERIES"
 
 OTEL_LLM_LAYERS_PATH: Final = "OTEL_LLM_LAYERS_PATH"
 """Dotted path of the model's decoder layer ModuleList (e.g. ``model.layers``) when automatic discovery is wrong."""
+
+OTEL_LLM_MLP_OUTPUT_PATH: Final = "OTEL_LLM_MLP_OUTPUT_PATH"
+"""Path of the MLP output projection inside each decoder layer (e.g. ``mlp.w2``) for models not recognised."""
+
+OTEL_LLM_ACTIVATION_SPARSITY_THRESHOLD: Final = "OTEL_LLM_ACTIVATION_SPARSITY_THRESHOLD"
+"""abs(activation) at or below this counts as zero for ``llm.activation.sparsity`` (default 1e-3)."""
+
+OTEL_LLM_ACTIVATION_OUTLIER_THRESHOLD: Final = "OTEL_LLM_ACTIVATION_OUTLIER_THRESHOLD"
+"""Max abs at or above which a hidden dimension is an outlier for ``llm.activation.outlier_ratio`` (default 6.0)."""
 
 OTEL_LLM_EXPORT_RANKS: Final = "OTEL_LLM_EXPORT_RANKS"
 """Which data-parallel ranks export: ``all`` (default) or ``zero`` (rank 0 only)."""

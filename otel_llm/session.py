@@ -29,6 +29,9 @@ from torch.utils.hooks import RemovableHandle
 from otel_llm.catalog import (
     ATTR_DEVICE,
     ATTR_PARAM_GROUP,
+    KV_CACHE_HIT_RATIO,
+    KV_CACHE_HITS,
+    KV_CACHE_LOOKUPS,
     LOGITS_Z_LOSS,
     LOSS_TOKEN,
     LOSS_TOKEN_SKEWNESS,
@@ -43,7 +46,7 @@ from otel_llm.catalog import (
 )
 from otel_llm.config import Config
 from otel_llm.instruments import Publisher, create_instrument
-from otel_llm.probes import cross_entropy
+from otel_llm.probes import cross_entropy, kv_cache
 from otel_llm.probes.base import ModelProbe, StepValues, log_failure
 from otel_llm.probes.loss import LossProbe
 from otel_llm.probes.memory import memory_pressure
@@ -63,6 +66,7 @@ _logger = logging.getLogger(__name__)
 
 _LOSS_FAMILY = (TRAIN_LOSS, LOSS_TOKEN, LOSS_TOKEN_SKEWNESS, LOGITS_Z_LOSS)
 _UPDATE_FAMILY = (PARAM_UPDATE_RATIO, PARAM_UPDATE_VARIANCE_RATIO)
+_KV_CACHE_FAMILY = (KV_CACHE_HIT_RATIO, KV_CACHE_HITS, KV_CACHE_LOOKUPS)
 _TOKENS_KEY = "#tokens"
 
 _sessions: weakref.WeakSet[Instrumentation] = weakref.WeakSet()
@@ -145,6 +149,8 @@ class Instrumentation:
 
         if self._want_loss:
             cross_entropy.add_listener(self._on_cross_entropy)
+        if not all(cfg.is_disabled(n) for n in _KV_CACHE_FAMILY):
+            kv_cache.add_listener(self._on_kv_cache)
         if optimizer is not None:
             self._adopt(optimizer)
             self._handles.append(optimizer.register_step_pre_hook(self._on_pre_step))
@@ -253,6 +259,7 @@ class Instrumentation:
         for probe in self._model_probes:
             probe.detach()
         cross_entropy.remove_listener(self._on_cross_entropy)
+        kv_cache.remove_listener(self._on_kv_cache)
         if _forked:
             return
         deadline = time.monotonic() + self.config.shutdown_timeout
@@ -290,13 +297,20 @@ class Instrumentation:
         """Count tokens on ``model`` and let every model probe hook it."""
         self._model_resolved = True
         self._tokens.attach(model)
+        families: dict[str, list[torch.Tensor]] = {}
         for probe in self._model_probes:
             try:
                 probe.attach(model)
                 probe.begin_step(self._sampled)
+                families.update(probe.param_families())
             except Exception:  # noqa: BLE001 - an unfamiliar model must not stop training
                 log_failure(probe.name)
                 probe.detach()
+        self._optim.set_families(families)
+
+    def _on_kv_cache(self, reused: int, added: int) -> None:
+        if not _forked:
+            self._publisher.record_kv_cache(reused, added)
 
     def _set_sampled(self, sampled: bool) -> None:
         self._sampled = sampled

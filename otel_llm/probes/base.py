@@ -74,6 +74,10 @@ class ModelProbe:
     def detach(self) -> None:
         """Remove every hook :meth:`attach` installed."""
 
+    def param_families(self) -> dict[str, list[torch.Tensor]]:
+        """Named subsets of the attached model's parameters, each its own ``llm.grad.sparsity`` group."""
+        return {}
+
     def begin_step(self, sampled: bool) -> None:
         """Called before each step's forward pass with the sampling decision."""
         self.sampled = sampled

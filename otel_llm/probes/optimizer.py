@@ -108,7 +108,12 @@ class OptimizerProbe:
         self._updates = updates
         self._prev_norm: tuple[int, torch.Tensor] | None = None
         self._reducer: tuple[tuple[int, ...], ShardReducer] | None = None
+        self._families: dict[str, set[int]] = {}
         self.reset()
+
+    def set_families(self, families: dict[str, list[torch.Tensor]]) -> None:
+        """Parameter subsets (e.g. LoRA factors) whose gradient sparsity is also reported, as groups."""
+        self._families = {name: {id(p) for p in params} for name, params in families.items()}
 
     def reset(self) -> None:
         """Forget the current step's partial results (after a failure)."""
@@ -132,9 +137,17 @@ class OptimizerProbe:
             grads = [_local(p.grad.detach()) for p in with_grad]
             device = grads[0].device
             partials = [_squares(grads, device)]
+            groups: list[str] = []
             if sampled:
-                partials += [_above(grads, self._threshold, device),
-                             torch.tensor([float(g.numel()) for g in grads], dtype=torch.float64, device=device)]
+                above = _above(grads, self._threshold, device)
+                sizes = torch.tensor([float(g.numel()) for g in grads], dtype=torch.float64, device=device)
+                partials += [above, sizes]
+                for name, members in self._families.items():
+                    chosen = [id(p) in members for p in with_grad]
+                    if any(chosen):
+                        mask = torch.tensor(chosen, dtype=torch.float64, device=device)
+                        partials += [above * mask, sizes * mask]
+                        groups.append(name)
             totals = reducer.sums(partials)
             norm = totals[0].sqrt().float()
             if sampled:
@@ -144,6 +157,9 @@ class OptimizerProbe:
                     previous = self._prev_norm[1].to(norm.device)
                     self._out.gauge(GRAD_NORM_DECAY_RATE, (previous - norm) / (previous + 1e-8))
                 self._out.gauge(GRAD_SPARSITY, (totals[2] - totals[1]) / totals[2], {ATTR_PARAM_GROUP: "all"})
+                for offset, name in enumerate(groups):
+                    above_total, size_total = totals[3 + 2 * offset], totals[4 + 2 * offset]
+                    self._out.gauge(GRAD_SPARSITY, (size_total - above_total) / size_total, {ATTR_PARAM_GROUP: name})
         if sampled and self._updates:
             params = [_local(p.detach()) for p in trainable_params(optimizer)]
             self._before = torch._foreach_mul(params, 1.0) if params else None
