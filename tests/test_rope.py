@@ -20,7 +20,8 @@ ROPE = {
     "linear": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
     "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16, "rope_theta": 10000.0},
-    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048, "rope_theta": 10000.0},
 }
 
 
@@ -95,3 +96,14 @@ def test_max_over_the_steps_calls(harness):
     expected = max(reference_deviation(rotary, hidden, p) for p in (short, long))
     assert expected > reference_deviation(rotary, hidden, short)
     assert rel_close(h.collect().value("llm.rope.angle_deviation"), expected, rel=1e-6)
+
+
+def test_dynamic_scaling_is_compared_with_the_frequencies_it_switched_to(harness):
+    """Past max_position_embeddings, dynamic NTK rescales inv_freq inside forward; the probe reads it after."""
+    model = llama("dynamic")
+    positions = (9000 + torch.arange(16)).expand(1, 16)
+    value = train_step(harness, model, positions)
+    rotary = model.model.rotary_emb
+    assert not torch.equal(rotary.inv_freq, rotary.original_inv_freq)
+    assert rel_close(value, reference_deviation(rotary, torch.zeros(1, 16, 32), positions), rel=1e-6)
+    assert value < 1e-3  # float32: only rounding, no frequency mismatch

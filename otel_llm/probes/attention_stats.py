@@ -17,6 +17,9 @@ from otel_llm.probes.attention_calls import AttentionCall, ScoresCall
 
 __all__ = ["LayerStatistics", "query_positions"]
 
+_MASKED = -1e30
+"""Logit given to masked keys: exp() underflows to exactly 0 in float32, and 0 * _MASKED is 0 (not NaN)."""
+
 _CHUNK_LOGITS = 1 << 24
 """Most logits materialised at once (64 MiB in float32): long contexts are processed a few sequences at a time."""
 
@@ -101,12 +104,12 @@ class LayerStatistics:
         kv_heads, key_len = key.shape[1], key.shape[2]
         if heads != self.heads or heads % kv_heads or value.shape[1] != kv_heads or value.shape[2] != key_len:
             raise ValueError(f"unsupported head layout q{tuple(query.shape)} k{tuple(key.shape)}")
-        groups = heads // kv_heads
         positions = query_positions(query_len, max_queries, query.device)
         scale = call.scale if call.scale is not None else 1.0 / math.sqrt(dim)
-        sampled = query.index_select(2, positions).float().view(batch, kv_heads, groups, -1, dim)
-        keys = key.float().unsqueeze(2)  # B, Hk, 1, K, D: each K/V head serves its group of query heads
-        logits = (sampled @ keys.transpose(-1, -2)).mul_(scale).view(batch, heads, -1, key_len)
+        # Query head h reads K/V head h // (heads / kv_heads): stacking each group's queries lets one batched
+        # matmul per K/V head serve them all, without repeating K or V.
+        sampled = query.index_select(2, positions).float().view(batch, kv_heads, -1, dim)
+        logits = (sampled @ key.float().transpose(-1, -2)).mul_(scale).view(batch, heads, -1, key_len)
         if call.softcap is not None:
             logits = torch.tanh(logits / call.softcap).mul_(call.softcap)
         allowed, bias = _allowed_and_bias(call, positions, query_len, key_len)
@@ -114,9 +117,10 @@ class LayerStatistics:
             logits = logits + bias
         if allowed is None:
             allowed = torch.ones((), dtype=torch.bool, device=query.device)
-        probs = self._fold(logits, allowed, positions)
-        outputs = probs.view(batch, kv_heads, groups, -1, key_len) @ value.float().unsqueeze(2)
-        per_head = outputs.view(batch, heads, -1, outputs.shape[-1]).transpose(0, 1).reshape(heads, -1)
+        probs, valid = self._fold(logits, allowed, positions)
+        outputs = probs.view(batch, kv_heads, -1, key_len) @ value.float()
+        outputs = outputs.view(batch, heads, -1, outputs.shape[-1]) * valid[..., None]
+        per_head = outputs.transpose(0, 1).reshape(heads, -1)
         self.gram += per_head @ per_head.T
         self.has_outputs = True
 
@@ -129,19 +133,26 @@ class LayerStatistics:
         sampled = scores.index_select(2, positions)
         self._fold(sampled.float(), sampled > torch.finfo(scores.dtype).min, positions)
 
-    def _fold(self, logits: torch.Tensor, allowed: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Add entropy, logit max and sink terms of (B, H, n, K) logits; returns the probabilities."""
-        allowed = allowed.expand_as(logits)
-        logits = logits.masked_fill(~allowed, -math.inf)
-        valid = allowed.any(-1)  # rows with no key to attend are excluded everywhere
-        probs = torch.softmax(torch.where(valid[..., None], logits, 0.0), dim=-1) * valid[..., None]
-        self.entropy_sum += -torch.special.xlogy(probs, probs).sum(-1).sum((0, 2))
+    def _fold(self, logits: torch.Tensor, allowed: torch.Tensor, positions: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add entropy, logit max and sink terms of (B, H, n, K) logits; returns (probabilities, valid rows).
+
+        Masked keys get a huge negative logit rather than -inf so that every
+        row stays finite; rows with no key to attend are then excluded by ``valid``.
+        """
+        valid = allowed.any(-1).expand(logits.shape[:-1])  # reduced before broadcasting: cheap for shared masks
+        filled = logits.masked_fill(~allowed, _MASKED) if allowed.dim() else logits
+        log_probs = torch.log_softmax(filled, dim=-1)
+        probs = torch.softmax(filled, dim=-1)  # fused: exp() of underflowing logits is slow on CPU
+        entropy = -(probs * log_probs).sum(-1)
+        self.entropy_sum += (entropy * valid).sum((0, 2))
         self.entropy_count += valid.sum((0, 2))
-        self.logit_max = torch.maximum(self.logit_max, logits.amax())
+        row_max = torch.where(valid, filled.amax(-1), -math.inf)
+        self.logit_max = torch.maximum(self.logit_max, row_max.amax())
         later = valid & (positions > 0)
         self.sink_sum += (probs[..., 0] * later).sum()
         self.sink_count += later.sum()
-        return probs
+        return probs, valid
 
     def entropy(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean entropy per head over its sampled queries, and which heads saw any."""
