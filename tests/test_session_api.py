@@ -40,16 +40,18 @@ def test_without_arguments_the_model_and_optimizer_are_found_as_they_run(harness
     model = GPT(vocab=VOCAB)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     train(model, optimizer, steps=3)
-    # once the optimizer stepped, only the model's own forward hook remains
+    # once the optimizer stepped, the global discovery hooks are gone and the model carries the token hook
     assert global_hook_counts()[:2] == before[:2]
-    assert len(model._forward_hooks) == 1
+    token_hook = h.session._tokens._on_model_forward
+    assert token_hook in model._forward_hooks.values()
     m = h.collect()
     assert m.value("llm.train.steps") == 3
     assert m.value("llm.train.tokens") == 3 * 32  # step 0 counted through the discovery hooks
     assert m.value("llm.grad.norm") > 0
     h.session.shutdown()
     assert global_hook_counts() == before
-    assert len(model._forward_hooks) == 0
+    assert token_hook not in model._forward_hooks.values()
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
 
 
 def test_a_second_optimizer_is_ignored(harness):
