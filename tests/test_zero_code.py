@@ -61,12 +61,16 @@ EXPECTED: dict[str, str] = {
     "llm.loss.token": "llm_loss_token_bucket",
     "llm.loss.token_skewness": "llm_loss_token_skewness",
     "llm.logits.z_loss": "llm_logits_z_loss",
+    "llm.attention.head_entropy": "llm_attention_head_entropy_bucket",
+    "llm.attention.head_divergence_max": "llm_attention_head_divergence_max",
+    "llm.attention.logit_max": "llm_attention_logit_max",
+    "llm.attention.sink_ratio": "llm_attention_sink_ratio",
     "llm.memory.pressure": "llm_memory_pressure",
     "llm.telemetry.sampled_steps": "llm_telemetry_sampled_steps_total",
     "llm.telemetry.sampling_interval": "llm_telemetry_sampling_interval",
     "llm.telemetry.overhead": "llm_telemetry_overhead_seconds_bucket",
 }
-HISTOGRAMS = ("llm.train.step.duration", "llm.loss.token", "llm.telemetry.overhead")
+HISTOGRAMS = ("llm.train.step.duration", "llm.loss.token", "llm.telemetry.overhead", "llm.attention.head_entropy")
 
 SCRIPT_FILES = {"nanogpt": "nanogpt_train.py", "llama": "llama_train.py"}
 PROTOCOLS = ("http", "grpc")
