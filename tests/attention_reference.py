@@ -72,6 +72,8 @@ class Capture:
         self.handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in attention_modules]
 
     def _hook(self, module, args, kwargs):
+        if torch._C._current_graph_task_id() != -1:
+            return  # activation checkpointing replaying the forward inside backward
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         rope = kwargs.get("position_embeddings")
         self.inputs.append((module, hidden.detach().clone(), tuple(t.detach() for t in rope) if rope else None))

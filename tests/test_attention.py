@@ -514,3 +514,26 @@ def test_long_batches_are_processed_in_chunks_with_the_same_values(harness, monk
     assert small.keys() == whole.keys()
     for key, value in whole.items():
         assert rel_close(small[key], value, rel=1e-6), key
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_counts_each_call_once(harness, reentrant):
+    """Checkpointed layers replay their forward during backward; the replay is not measured again."""
+    model = hf_model("llama", "sdpa")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()
+    train_and_check(harness, model, "llama", steps=2, make_batch=lambda step: hf_batch(step, True))
+
+
+def test_shutdown_restores_every_wrapped_function(harness):
+    import transformers.models.llama.modeling_llama as llama_module
+
+    originals = (F.scaled_dot_product_attention, F.softmax, llama_module.eager_attention_forward)
+    first = harness(hf_model("llama", "eager"), sampling_interval=1)
+    second = harness(hf_model("llama", "eager"), sampling_interval=1)
+    assert llama_module.eager_attention_forward is not originals[2]
+    assert F.scaled_dot_product_attention is not originals[0] and F.softmax is not originals[1]
+    first.session.shutdown()
+    assert llama_module.eager_attention_forward is not originals[2]  # still used by the second session
+    second.session.shutdown()
+    assert (F.scaled_dot_product_attention, F.softmax, llama_module.eager_attention_forward) == originals
