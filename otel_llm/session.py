@@ -138,6 +138,7 @@ class Instrumentation:
         self._model_probes: list[ModelProbe] = build_model_probes(cfg)
         self._handles: list[RemovableHandle] = []
         self._optimizer: weakref.ref[torch.optim.Optimizer] | None = None
+        self._gradients_read_externally = False
         self._step = 0
         self._sampled = False
         self._set_sampled(self._sampler.is_sampled(0))
@@ -198,6 +199,16 @@ class Instrumentation:
     def record_kv_cache(self, reused: int, added: int) -> None:
         """Report one KV-cache update: ``reused`` entries served from cache, ``added`` newly computed."""
         self._publisher.record_kv_cache(int(reused), int(added))
+
+    def read_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Read the step's gradients now; from then on the optimizer's pre-step hook leaves them alone.
+
+        For loops that run forward and backward inside ``optimizer.step(closure)``
+        (Lightning): the pre-step hook fires before the closure, when the step's
+        gradients do not exist yet. Call this where they are final, before the update.
+        """
+        self._gradients_read_externally = True
+        self._pre_step(optimizer)
 
     def register(self, name: str, instrument: str, *, unit: str = "1", description: str = "",
                  attributes: Iterable[str] = (), buckets: Iterable[float] | None = None) -> MetricSpec:
@@ -337,7 +348,11 @@ class Instrumentation:
         return self._optimizer() is optimizer
 
     def _on_pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if _forked or not self._owns(optimizer):
+        if not self._gradients_read_externally:
+            self._pre_step(optimizer)
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if _forked or self.closed or not self._owns(optimizer):
             return
         if not self._model_resolved:
             self._resolve_model(optimizer)

@@ -1,0 +1,59 @@
+"""Scrape otel_llm's Prometheus endpoint into comparable samples, for tests that compare two runs."""
+
+from __future__ import annotations
+
+import math
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+Series = tuple[str, frozenset[tuple[str, str]]]
+
+TIMING_SERIES = ("llm_train_step_duration_seconds", "llm_telemetry_overhead_seconds")
+"""Histograms of wall time: only their _count is the same in two runs of the same training."""
+RANK_LABELS = ("llm_rank", "llm_world_size")
+"""Labels every series carries."""
+HOST_DEPENDENT = ("llm_memory_pressure",)
+"""Process RSS over physical memory: differs between two runs in one process."""
+
+
+def scrape(url: str) -> dict[Series, float]:
+    """Every ``llm_*`` sample of one scrape, keyed by sample name and labels (less the constant scope labels)."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    samples: dict[Series, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("llm_"):
+                labels = {k: v for k, v in sample.labels.items() if not k.startswith("otel_scope_")}
+                samples[(sample.name, frozenset(labels.items()))] = sample.value
+    return samples
+
+
+def deterministic(samples: dict[Series, float]) -> dict[Series, float]:
+    """The samples two runs of the same training must agree on: all but wall times and RSS."""
+    kept = {}
+    for (name, labels), value in samples.items():
+        if name in HOST_DEPENDENT or (name.startswith(TIMING_SERIES) and not name.endswith("_count")):
+            continue
+        kept[(name, labels)] = value
+    return kept
+
+
+def mismatches(actual: dict[Series, float], expected: dict[Series, float], rel: float = 1e-5) -> list[str]:
+    """Series missing on either side or with different values, as readable lines (empty when equal)."""
+    lines = [f"missing {name}{dict(labels)}" for name, labels in expected.keys() - actual.keys()]
+    lines += [f"unexpected {name}{dict(labels)}" for name, labels in actual.keys() - expected.keys()]
+    for key in expected.keys() & actual.keys():
+        a, e = actual[key], expected[key]
+        if not (a == e or math.isclose(a, e, rel_tol=rel, abs_tol=1e-9)):
+            lines.append(f"{key[0]}{dict(key[1])}: {a!r} != {e!r}")
+    return sorted(lines)
+
+
+def value(samples: dict[Series, float], name: str, **labels: str) -> float:
+    """The one sample ``name`` with exactly ``labels`` besides the rank labels every series carries."""
+    found = [v for (n, ls), v in samples.items()
+             if n == name and {k: x for k, x in ls if k not in RANK_LABELS} == labels]
+    assert len(found) == 1, f"{name}{labels}: {len(found)} samples"
+    return found[0]
