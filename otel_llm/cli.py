@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from otel_llm.catalog import CATALOG
-from otel_llm.docs import config_table, metric_table, threshold_table
+from otel_llm.docs import config_table, metric_table, signal_guide, threshold_table
 from otel_llm.ops import dashboard, rules
 from otel_llm.ops.promql import NAMINGS
 
@@ -29,8 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     catalog = commands.add_parser("catalog", help="print the metric catalog")
     catalog.add_argument("--format", choices=("table", "json", "markdown"), default="table")
-    docs = commands.add_parser("docs", help="print a README table rendered from the code")
-    docs.add_argument("table", choices=("metrics", "thresholds", "config"))
+    docs = commands.add_parser("docs", help="print a README section rendered from the code")
+    docs.add_argument("table", choices=("metrics", "thresholds", "config", "guide"))
     naming_help = "series names of otel_llm's endpoint (scrape) or of OTLP via a Collector/VictoriaMetrics (otlp)"
     for name, help_text in (("rules", "print Prometheus recording and alerting rules (YAML)"),
                             ("dashboard", "print the Grafana dashboard (JSON)")):
@@ -49,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(_table())
     else:
-        print({"metrics": metric_table, "thresholds": threshold_table, "config": config_table}[args.table]())
+        print({"metrics": metric_table, "thresholds": threshold_table, "config": config_table,
+               "guide": signal_guide}[args.table]())
     return 0
 
 

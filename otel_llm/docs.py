@@ -1,11 +1,15 @@
-"""Markdown tables rendered from the catalog and the config, kept in the README by a test."""
+"""Markdown rendered from the catalog and the config (tables, the alert guide), kept in the README by a test."""
 
 from __future__ import annotations
 
 from otel_llm.catalog import CATALOG, prometheus_name
 from otel_llm.config import options
+from otel_llm.ops import rules
+from otel_llm.ops.runbooks import RUNBOOKS
 
-__all__ = ["config_table", "metric_table", "threshold_table"]
+__all__ = ["config_table", "metric_table", "signal_guide", "threshold_table"]
+
+_DIRECTION = {">": "high", ">=": "high", "<": "low", "<=": "low", "increase": "increasing"}
 
 
 def _cell(text: object) -> str:
@@ -39,6 +43,31 @@ def threshold_table() -> str:
                     condition += f" for {threshold.for_duration}"
             rows.append(f"| `{spec.name}` | {threshold.severity} | {_cell(condition)} | {threshold.reason} |")
     return "\n".join(rows)
+
+
+def signal_guide() -> str:
+    """What to do when a signal crosses a catalog threshold: one entry per alert of ``otel-llm rules``.
+
+    Each entry gives the PromQL the alert evaluates (scrape naming), how long it
+    must hold, what it means at each severity and what to check first.
+    """
+    recorded = {rule["record"]: rule["expr"] for rule in rules.recording_rules()}
+    by_name: dict[str, list[rules.Alert]] = {}
+    for alert in rules.alerts():
+        by_name.setdefault(alert.name, []).append(alert)
+    entries = []
+    for name, alerts in by_name.items():
+        spec = alerts[0].spec
+        lines = [f"#### `{spec.name}` {_DIRECTION[alerts[0].threshold.op]} (alert `{name}`)", ""]
+        for alert in alerts:
+            held = f", held for {alert.hold}" if alert.hold else ""
+            lines.append(f"- **{alert.threshold.severity}**: {alert.threshold.reason} — `{alert.expr}`{held}.")
+        for record, expr in recorded.items():
+            if record in alerts[0].expr:
+                lines.append(f"- `{record}` is recorded as `{expr}`.")
+        lines.append(f"- **What to do**: {RUNBOOKS[name]}")
+        entries.append("\n".join(lines))
+    return "\n\n".join(entries)
 
 
 def config_table() -> str:

@@ -11,18 +11,29 @@ from pathlib import Path
 import pytest
 
 from otel_llm.catalog import CATALOG
-from otel_llm.docs import config_table, metric_table, threshold_table
+from otel_llm.docs import config_table, metric_table, signal_guide, threshold_table
+from otel_llm.ops.rules import alerts
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.mark.parametrize("marker, render", [("metric-table", metric_table), ("config-table", config_table),
-                                            ("threshold-table", threshold_table)])
+                                            ("threshold-table", threshold_table), ("signal-guide", signal_guide)])
 def test_readme_tables_match_the_code(marker, render):
     text = README.read_text(encoding="utf-8")
     match = re.search(rf"<!-- {marker}:start -->\n(.*?)\n<!-- {marker}:end -->", text, re.S)
     assert match, f"README lacks the {marker} markers"
     assert match.group(1) == render(), f"README {marker} is stale: run `otel-llm docs ...` and paste it"
+
+
+def test_signal_guide_has_an_entry_per_alert_and_a_line_per_threshold():
+    guide = signal_guide()
+    names = {alert.name for alert in alerts()}
+    assert guide.count("#### ") == len(names) and all(f"(alert `{name}`)" in guide for name in names)
+    thresholds = [t for spec in CATALOG for t in spec.thresholds]
+    assert sum(guide.count(f"- **{severity}**: ") for severity in ("warning", "critical")) == len(thresholds)
+    assert "- **What to do**: Device memory is nearly full" in guide
+    assert run_cli("docs", "guide") == guide + "\n"
 
 
 def test_readme_documents_every_environment_variable():
