@@ -304,6 +304,7 @@ def test_unsupported_layouts_are_skipped_with_one_log_line(harness, caplog):
     m = h.collect()
     assert m.value("llm.train.steps") == 2
     assert "llm.attention.logit_max" not in m.names()
+    assert "llm.telemetry.nonfinite" not in m.names()  # nothing half-made was published
 
 
 def test_layers_path_override_and_call_order_fallback(harness):

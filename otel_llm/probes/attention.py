@@ -124,12 +124,12 @@ class AttentionProbe(ModelProbe):
                 lead = call.scores if isinstance(call, ScoresCall) else call.query
                 stats = self._layers.get(layer)
                 if stats is None:
-                    heads = lead.shape[-3] if lead.dim() >= 3 else 0
-                    stats = self._layers[layer] = LayerStatistics(heads, lead.device)
+                    stats = LayerStatistics(lead.shape[1] if lead.dim() == 4 else 0, lead.device)
                 if isinstance(call, ScoresCall):
                     stats.add_scores(call, self.config.attention_queries)
                 else:
                     stats.add(call, self.config.attention_queries)
+                self._layers[layer] = stats  # a layer appears once one of its calls was understood
         except Exception as exc:  # noqa: BLE001 - an unfamiliar call is skipped, never raised into training
             self._skip(exc)
 

@@ -33,10 +33,11 @@ def query_positions(length: int, wanted: int, device: torch.device) -> torch.Ten
     return (length - 1 - spaced).flip(0)
 
 
-def _as_4d(tensor: torch.Tensor) -> torch.Tensor:
-    if tensor.is_nested or tensor.dim() not in (3, 4):
-        raise ValueError(f"unsupported attention tensor layout {tuple(tensor.shape)}")
-    return tensor if tensor.dim() == 4 else tensor.unsqueeze(0)
+def _check_layout(*tensors: torch.Tensor) -> None:
+    """(batch, heads, length, dim) only: other layouts SDPA broadcasts are not read."""
+    for tensor in tensors:
+        if tensor.is_nested or tensor.dim() != 4:
+            raise ValueError(f"unsupported attention tensor layout {tuple(tensor.shape)}")
 
 
 def _batch_chunks(call: AttentionCall, queries: int) -> list[AttentionCall]:
@@ -93,8 +94,7 @@ class LayerStatistics:
 
     def add(self, call: AttentionCall, max_queries: int) -> None:
         """Fold one call into the sums; ValueError for layouts it does not understand."""
-        call = AttentionCall(_as_4d(call.query), _as_4d(call.key), _as_4d(call.value), call.attn_mask,
-                             call.is_causal, call.scale, call.softcap)
+        _check_layout(call.query, call.key, call.value)
         for part in _batch_chunks(call, max_queries):
             self._add(part, max_queries)
 
