@@ -13,11 +13,16 @@ step. Every deterministic series must be equal, step by step.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import otel_llm
 from otel_llm.session import active
+from tests.conftest import Metrics
 from tests.support.backends import free_port
 from tests.support.scrape import deterministic, mismatches, scrape, value
 
@@ -189,3 +194,32 @@ def test_a_running_session_is_used_and_left_running(tmp_path, harness):
     m = h.collect()
     assert m.value("llm.train.steps") == trainer.state.global_step == 3
     assert m.value("llm.train.loss") == pytest.approx(trainer.state.log_history[2]["loss"], rel=1e-6)
+
+
+def test_an_optimizer_that_appears_after_train_begin_is_followed():
+    """Older Trainers (and delayed creation) pass no optimizer to on_train_begin: the callback attaches the one
+    inside the wrapper at the first step, so another optimizer stepping first is not taken for it."""
+    reader = InMemoryMetricReader()
+    callback = OtelLlmCallback(meter_provider=MeterProvider(metric_readers=[reader]),
+                               config=otel_llm.Config(exporters="none", sampling_interval=1))
+    args = SimpleNamespace(world_size=1, average_tokens_across_devices=True)
+    model = lora_llama()
+    callback.on_train_begin(args, None, None, model=model, optimizer=None)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    other = torch.nn.Linear(2, 2)
+    other_optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
+    callback.on_step_begin(args, None, None, optimizer=SimpleNamespace(optimizer=optimizer))  # a wrapper
+    other(torch.ones(1, 2)).sum().backward()
+    other_optimizer.step()
+    batch = dataset()[0]
+    loss = model(**{k: v[None] for k, v in batch.items()}).loss
+    loss.backward()
+    callback.on_pre_optimizer_step(args, None, None)
+    optimizer.step()
+    assert callback.telemetry.flush(5.0)
+    m = Metrics(reader)
+    assert m.value("llm.train.steps") == 1
+    assert m.value("llm.train.loss") == pytest.approx(float(loss.detach()), rel=1e-6)
+    assert m.value("llm.train.tokens") == int(batch["attention_mask"].sum())
+    callback.on_train_end(args, None, None)
+    assert callback.telemetry is None and not model._forward_hooks
