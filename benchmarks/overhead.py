@@ -1,7 +1,8 @@
 """Step-time overhead of otel_llm on a tiny Llama on CPU.
 
-Three variants are interleaved in one process (bare, default sampling, every-step
-sampling) so machine noise hits them alike; each block instruments, trains, and
+Four variants are interleaved in one process (bare, default sampling, every-step
+sampling with all signals, every-step sampling without the attention and RoPE
+probes) so machine noise hits them alike; each block instruments, trains, and
 shuts down. Prints the median step time per variant and the ratios to bare.
 
     python benchmarks/overhead.py [--blocks 6] [--steps 40]
@@ -30,10 +31,10 @@ def tiny_llama():
     return LlamaForCausalLM(config)
 
 
-def run_block(model, optimizer, steps: int, interval: int | None) -> list[float]:
+def run_block(model, optimizer, steps: int, options: dict | None) -> list[float]:
     session = None
-    if interval is not None:
-        config = otel_llm.Config(sampling_interval=interval, exporters="prometheus", prometheus_port=0)
+    if options is not None:
+        config = otel_llm.Config(exporters="prometheus", prometheus_port=0, **options)
         session = otel_llm.instrument(model, optimizer, config=config)
     g = torch.Generator().manual_seed(0)
     times = []
@@ -61,19 +62,25 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     model = tiny_llama()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    variants = {"bare": None, "default (every 10)": 10, "every step": 1}
+    variants = {
+        "bare": None,
+        "default (every 10)": {"sampling_interval": 10},
+        "every step": {"sampling_interval": 1},
+        "every step, no attention/RoPE": {"sampling_interval": 1,
+                                          "disabled_signals": "llm.attention.*,llm.rope.*"},
+    }
     samples: dict[str, list[float]] = {name: [] for name in variants}
     run_block(model, optimizer, 5, None)  # warm-up
     for _ in range(args.blocks):
-        for name, interval in variants.items():
-            samples[name].extend(run_block(model, optimizer, args.steps, interval))
+        for name, options in variants.items():
+            samples[name].extend(run_block(model, optimizer, args.steps, options))
     bare = statistics.median(samples["bare"])
     print(f"tiny Llama (4 layers, hidden 128, batch 4x128) on CPU, torch {torch.__version__}, "
           f"{args.blocks} blocks x {args.steps} steps per variant")
-    print(f"{'variant':<22}{'median step (ms)':>18}{'ratio to bare':>16}")
+    print(f"{'variant':<32}{'median step (ms)':>18}{'ratio to bare':>16}")
     for name, times in samples.items():
         median = statistics.median(times)
-        print(f"{name:<22}{median * 1e3:>18.2f}{median / bare:>16.3f}")
+        print(f"{name:<32}{median * 1e3:>18.2f}{median / bare:>16.3f}")
     return 0
 
 
