@@ -152,7 +152,7 @@ def test_train_loss_is_the_mean_training_step_loss_of_the_step(harness):
     class Doubled(LitLlama):
         def training_step(self, batch, batch_idx):
             loss = 2 * self.model(**batch).loss
-            self.step_losses.setdefault(self.trainer.global_step, []).append(float(loss))
+            self.step_losses.setdefault(self.trainer.global_step, []).append(float(loss.detach()))
             return loss
 
     h = harness(sampling_interval=1)

@@ -167,7 +167,7 @@ def test_logged_loss_is_the_token_mean_of_the_accumulated_batch(tmp_path, export
 
     def per_call(module, args, kwargs, output):
         if module.training and torch.is_grad_enabled():
-            captured[-1].append(float(output.loss) * float(kwargs["num_items_in_batch"]) /
+            captured[-1].append(float(output.loss.detach()) * float(kwargs["num_items_in_batch"]) /
                                 float((kwargs["labels"][:, 1:] != -100).sum()))
 
     handle = trainer.model.register_forward_hook(per_call, with_kwargs=True)
