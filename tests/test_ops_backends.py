@@ -33,7 +33,7 @@ from otel_llm.ops.promql import label, series_name
 from tests.models import GPT
 from tests.support.backends import Prometheus, VictoriaMetrics, http_get
 from tests.support.grafana import queries
-from tests.test_provider import scrape, series
+from tests.support.scrape import fetch, series
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -212,7 +212,7 @@ def test_attention_entropy_quantile_query(sessions, tmp_path):
     bucket = series_name(by_name(ATTENTION_HEAD_ENTROPY), "scrape") + "_bucket"
     trainer.step(2)
     assert trainer.session.flush(5.0)
-    assert re.search(rf"^{bucket}{{", scrape(trainer.session.prometheus_url)[1], re.M), f"{bucket} is not exported"
+    assert re.search(rf"^{bucket}{{", fetch(trainer.session.prometheus_url)[1], re.M), f"{bucket} is not exported"
 
     (record,) = [r["record"] for r in rules.recording_rules()]
     with Prometheus(prometheus_config(trainer.target, rules_path)) as prometheus:
@@ -221,7 +221,7 @@ def test_attention_entropy_quantile_query(sessions, tmp_path):
 
         assert wait_until(recorded_every_layer, timeout=25, action=trainer.step), prometheus.log_tail()
         assert trainer.session.flush(5.0)
-        body = scrape(trainer.session.prometheus_url)[1]
+        body = fetch(trainer.session.prometheus_url)[1]
         final = {(labels["llm_layer"], labels["le"]): value for name, labels, value in series(body)
                  if name == bucket}
         total = f'sum by (llm_layer) ({bucket}{{le="+Inf"}})'
@@ -293,7 +293,7 @@ def test_victoria_metrics_values_agree_with_the_scrape(victoria_metrics, session
         trainer.session.record_kv_cache(reused=96, added=32)
         assert trainer.session.flush(5.0)
         time.sleep(1.0)
-    body = scrape(trainer.session.prometheus_url)[1]
+    body = fetch(trainer.session.prometheus_url)[1]
     names = scrape_names(body)
     assert {"llm_train_loss", "llm_kv_cache_hit_ratio", "llm_telemetry_nonfinite_total",
             "llm_loss_token_bucket"} <= set(names)

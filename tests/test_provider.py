@@ -30,7 +30,9 @@ import torch
 import otel_llm
 from otel_llm.catalog import LOSS_TOKEN_BUCKETS, STEP_DURATION_BUCKETS
 from tests.models import GPT
+from tests.support.backends import free_port
 from tests.support.receivers import GrpcMetricsReceiver, HttpMetricsReceiver
+from tests.support.scrape import fetch, sample, series
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -77,42 +79,6 @@ def train(model: GPT, optimizer: torch.optim.Optimizer, steps: int, seed: int = 
         optimizer.step()
         optimizer.zero_grad()
     return norm
-
-
-def scrape(url: str, accept: str | None = None) -> tuple[str, str]:
-    """GET ``url``; (Content-Type, body)."""
-    headers = {"Accept": accept} if accept else {}
-    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as response:
-        assert response.status == 200
-        return response.headers["Content-Type"], response.read().decode("utf-8")
-
-
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
-def series(body: str) -> list[tuple[str, dict[str, str], float]]:
-    """(name, labels, value) of every sample line of a text exposition."""
-    out = []
-    for line in body.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        key, value = line.rsplit(" ", 1)
-        name, _, labels = key.partition("{")
-        out.append((name, dict(_LABEL.findall(labels)), float(value)))
-    return out
-
-
-def sample(body: str, name: str, **labels: str) -> float:
-    matches = [value for n, lbls, value in series(body)
-               if n == name and all(lbls.get(k) == v for k, v in labels.items())]
-    assert len(matches) == 1, f"{name}{labels}: {len(matches)} samples"
-    return matches[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def can_bind(port: int) -> bool:
@@ -186,7 +152,7 @@ def test_scrape_shows_trained_steps_and_signals_in_classic_text_by_default(sessi
     norm = train(model, optimizer, 4)
     assert session.flush(5.0)
 
-    content_type, body = scrape(url)
+    content_type, body = fetch(url)
     assert content_type.startswith("text/plain") and "version=0.0.4" in content_type
     assert not body.rstrip().endswith("# EOF")
     assert "# TYPE llm_train_steps_total counter" in body
@@ -209,7 +175,7 @@ def test_openmetrics_is_served_when_the_scraper_asks_for_it(sessions):
     session = start(sessions, model, optimizer, exporters="prometheus", prometheus_port=0)
     train(model, optimizer, 2)
     assert session.flush(5.0)
-    content_type, body = scrape(session.prometheus_url, accept=OPENMETRICS)
+    content_type, body = fetch(session.prometheus_url, accept=OPENMETRICS)
     assert content_type.startswith("application/openmetrics-text")
     assert "version=1.0.0" in content_type
     assert body.endswith("# EOF\n")
@@ -233,7 +199,7 @@ def test_endpoint_binds_loopback_only_by_default(sessions):
             s.settimeout(2)
             with pytest.raises(OSError):
                 s.connect((address, port))
-    scrape(session.prometheus_url)  # while loopback answers
+    fetch(session.prometheus_url)  # while loopback answers
 
 
 def test_two_scrapes_in_a_row_have_no_duplicate_series(sessions):
@@ -242,7 +208,7 @@ def test_two_scrapes_in_a_row_have_no_duplicate_series(sessions):
     train(model, optimizer, 3)
     assert session.flush(5.0)
     for accept in (None, None, OPENMETRICS, OPENMETRICS):
-        _, body = scrape(session.prometheus_url, accept=accept)
+        _, body = fetch(session.prometheus_url, accept=accept)
         keys = [line.rsplit(" ", 1)[0] for line in body.splitlines() if line and not line.startswith("#")]
         duplicates = {k for k in keys if keys.count(k) > 1}
         assert not duplicates
@@ -263,7 +229,7 @@ def test_histogram_buckets_are_the_catalog_ones(sessions):
     session = start(sessions, model, optimizer, exporters="prometheus", prometheus_port=0)
     train(model, optimizer, 3)
     assert session.flush(5.0)
-    _, body = scrape(session.prometheus_url)
+    _, body = fetch(session.prometheus_url)
     assert _le(body, "llm_loss_token_bucket") == [*LOSS_TOKEN_BUCKETS, math.inf]
     assert _le(body, "llm_train_step_duration_seconds_bucket") == [*STEP_DURATION_BUCKETS, math.inf]
     assert sample(body, "llm_loss_token_bucket", le="+Inf") == 3 * 2 * 16
@@ -275,7 +241,7 @@ def test_disabled_signals_are_absent_from_the_scrape(sessions):
                     disabled_signals="llm.loss.token,llm.grad.*")
     train(model, optimizer, 3)
     assert session.flush(5.0)
-    _, body = scrape(session.prometheus_url)
+    _, body = fetch(session.prometheus_url)
     names = {name for name, _, _ in series(body)}
     assert not {n for n in names if n.startswith(("llm_loss_token_bucket", "llm_loss_token_count",
                                                   "llm_loss_token_sum", "llm_grad_"))}
@@ -344,16 +310,16 @@ def test_a_second_session_on_the_same_port_exports_otlp_only_and_the_port_is_fre
     train(model_a, optimizer_a, 2)
     train(model_b, optimizer_b, 3)
     assert a.flush(5.0) and b.flush(5.0)
-    _, body = scrape(url)
+    _, body = fetch(url)
     assert sample(body, "llm_train_steps_total") == 2
     types = [line.split()[2] for line in body.splitlines() if line.startswith("# TYPE ")]
     assert len(types) == len(set(types))
 
     b.shutdown()
-    assert sample(scrape(url)[1], "llm_train_steps_total") == 2  # a still serves
+    assert sample(fetch(url)[1], "llm_train_steps_total") == 2  # a still serves
     a.shutdown()
     with pytest.raises(urllib.error.URLError):
-        scrape(url)
+        fetch(url)
     assert can_bind(port)
     # and a new session serves on it again
     model_c, optimizer_c = tiny()
@@ -361,7 +327,7 @@ def test_a_second_session_on_the_same_port_exports_otlp_only_and_the_port_is_fre
     assert c.prometheus_url == url
     train(model_c, optimizer_c, 1)
     assert c.flush(5.0)
-    assert sample(scrape(url)[1], "llm_train_steps_total") == 1
+    assert sample(fetch(url)[1], "llm_train_steps_total") == 1
 
 
 # -- a collector that never answers / is not there -----------------------------------

@@ -1,8 +1,9 @@
-"""Scrape otel_llm's Prometheus endpoint into comparable samples, for tests that compare two runs."""
+"""Scrape otel_llm's Prometheus endpoint: raw text (``fetch``, ``series``, ``sample``) or comparable samples."""
 
 from __future__ import annotations
 
 import math
+import re
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -57,3 +58,33 @@ def value(samples: dict[Series, float], name: str, **labels: str) -> float:
              if n == name and {k: x for k, x in ls if k not in RANK_LABELS} == labels]
     assert len(found) == 1, f"{name}{labels}: {len(found)} samples"
     return found[0]
+
+
+def fetch(url: str, accept: str | None = None) -> tuple[str, str]:
+    """GET ``url``; (Content-Type, body)."""
+    headers = {"Accept": accept} if accept else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as response:
+        assert response.status == 200
+        return response.headers["Content-Type"], response.read().decode("utf-8")
+
+
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def series(body: str) -> list[tuple[str, dict[str, str], float]]:
+    """(name, labels, value) of every sample line of a text exposition."""
+    out = []
+    for line in body.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, value = line.rsplit(" ", 1)
+        name, _, labels = key.partition("{")
+        out.append((name, dict(_LABEL.findall(labels)), float(value)))
+    return out
+
+
+def sample(body: str, name: str, **labels: str) -> float:
+    matches = [value for n, lbls, value in series(body)
+               if n == name and all(lbls.get(k) == v for k, v in labels.items())]
+    assert len(matches) == 1, f"{name}{labels}: {len(matches)} samples"
+    return matches[0]
