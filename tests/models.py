@@ -81,3 +81,24 @@ def tiny_llama(vocab: int = 64, layers: int = 2, seed: int = 0):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          attn_implementation="sdpa")
     return LlamaForCausalLM(config)
+
+
+def tiny_lora_llama(vocab: int = 64):
+    """tiny_llama with PEFT LoRA (r=4) on q_proj, v_proj and down_proj."""
+    import peft
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    return peft.get_peft_model(tiny_llama(vocab, seed=0), config)
+
+
+def padded_rows(count: int, vocab: int = 64) -> list[dict[str, torch.Tensor]]:
+    """Rows with 0-5 left-padding positions, so micro-batches hold different numbers of label tokens."""
+    g = torch.Generator().manual_seed(7)
+    rows = []
+    for row in range(count):
+        ids = torch.randint(3, vocab, (12,), generator=g)
+        mask = torch.ones(12, dtype=torch.long)
+        mask[: (row * 3) % 6] = 0
+        rows.append({"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask,
+                     "labels": ids.masked_fill(mask == 0, -100)})
+    return rows

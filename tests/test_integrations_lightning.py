@@ -23,9 +23,8 @@ from tests.support.backends import free_port
 from tests.support.scrape import deterministic, mismatches, scrape, value
 
 L = pytest.importorskip("lightning.pytorch")
-peft = pytest.importorskip("peft")
 from otel_llm.integrations.lightning import OtelLlmCallback  # noqa: E402
-from tests.models import tiny_llama  # noqa: E402
+from tests.models import padded_rows, tiny_lora_llama  # noqa: E402
 
 VOCAB = 64
 ROWS = 10
@@ -36,21 +35,11 @@ LR = 1e-2
 
 
 def lora_llama() -> torch.nn.Module:
-    model = tiny_llama(VOCAB, seed=0)
-    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
-    return peft.get_peft_model(model, config)
+    return tiny_lora_llama(VOCAB)
 
 
 def dataset() -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(7)
-    rows = []
-    for row in range(ROWS):
-        ids = torch.randint(3, VOCAB, (12,), generator=g)
-        mask = torch.ones(12, dtype=torch.long)
-        mask[: (row * 3) % 6] = 0
-        rows.append({"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask,
-                     "labels": ids.masked_fill(mask == 0, -100)})
-    return rows
+    return padded_rows(ROWS, VOCAB)
 
 
 def optimizer_and_schedule(model: torch.nn.Module):

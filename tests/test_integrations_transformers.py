@@ -27,9 +27,8 @@ from tests.support.backends import free_port
 from tests.support.scrape import deterministic, mismatches, scrape, value
 
 transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 from otel_llm.integrations.transformers import OtelLlmCallback  # noqa: E402
-from tests.models import tiny_llama  # noqa: E402
+from tests.models import padded_rows, tiny_lora_llama  # noqa: E402
 
 VOCAB = 64
 ROWS = 10  # 5 micro-batches of 2 per epoch: steps of 2, 2 and 1 micro-batches
@@ -38,22 +37,11 @@ STEPS = 6
 
 
 def lora_llama() -> torch.nn.Module:
-    model = tiny_llama(VOCAB, seed=0)
-    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
-    return peft.get_peft_model(model, config)
+    return tiny_lora_llama(VOCAB)
 
 
 def dataset() -> list[dict[str, torch.Tensor]]:
-    """Rows with 0-5 left-padding positions, so micro-batches hold different numbers of label tokens."""
-    g = torch.Generator().manual_seed(7)
-    rows = []
-    for row in range(ROWS):
-        ids = torch.randint(3, VOCAB, (12,), generator=g)
-        mask = torch.ones(12, dtype=torch.long)
-        mask[: (row * 3) % 6] = 0
-        rows.append({"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask,
-                     "labels": ids.masked_fill(mask == 0, -100)})
-    return rows
+    return padded_rows(ROWS, VOCAB)
 
 
 def training_args(tmp_path, **overrides) -> transformers.TrainingArguments:
