@@ -1,8 +1,9 @@
 """Step-time overhead of otel_llm on a tiny Llama on CPU.
 
-Four variants are interleaved in one process (bare, default sampling, every-step
-sampling with all signals, every-step sampling without the attention and RoPE
-probes) so machine noise hits them alike; each block instruments, trains, and
+Five variants are interleaved in one process (bare; the default adaptive policy
+past its warm-up, i.e. every 10th step with the SAX detector running; fixed
+every 10th step; every-step sampling with all signals; every-step sampling
+without the attention and RoPE probes) so machine noise hits them alike; each block instruments, trains, and
 shuts down. Prints the median step time per variant and the ratios to bare.
 
     python benchmarks/overhead.py [--blocks 6] [--steps 40]
@@ -55,7 +56,7 @@ def run_block(model, optimizer, steps: int, options: dict | None) -> list[float]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, default=6, help="rounds of the three interleaved variants")
+    parser.add_argument("--blocks", type=int, default=6, help="rounds of the interleaved variants")
     parser.add_argument("--steps", type=int, default=40, help="steps per block")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -64,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     variants = {
         "bare": None,
-        "default (every 10)": {"sampling_interval": 10},
-        "every step": {"sampling_interval": 1},
-        "every step, no attention/RoPE": {"sampling_interval": 1,
+        "adaptive past warm-up": {"sampling": "adaptive", "sampling_warmup": 0},
+        "fixed every 10": {"sampling": "fixed", "sampling_interval": 10},
+        "every step": {"sampling": "fixed", "sampling_interval": 1},
+        "every step, no attention/RoPE": {"sampling": "fixed", "sampling_interval": 1,
                                           "disabled_signals": "llm.attention.*,llm.rope.*"},
     }
     samples: dict[str, list[float]] = {name: [] for name in variants}

@@ -1,9 +1,8 @@
 """The Prometheus HTTP endpoint: one per (host, port), owned by one otel_llm session.
 
-prometheus_client's handler negotiates OpenMetrics text when the scraper asks
-for it (``Accept: application/openmetrics-text``) and serves the classic text
-format otherwise. Two otel_llm sessions never share an endpoint: their readers
-would both emit ``target_info`` and the same families, an invalid exposition.
+The server itself is :mod:`otel_llm._scrape_server`. Two otel_llm sessions
+never share an endpoint: their readers would both emit ``target_info`` and the
+same families, an invalid exposition.
 """
 
 from __future__ import annotations
@@ -12,6 +11,8 @@ import errno
 import logging
 import threading
 from typing import Any
+
+from otel_llm import _scrape_server
 
 __all__ = ["PortInUse", "acquire", "release"]
 
@@ -43,13 +44,11 @@ def acquire(host: str, port: int) -> int:
     Prometheus reader serves the same registry) is shared. Raises
     :class:`PortInUse` when another process or another otel_llm session holds it.
     """
-    from prometheus_client import start_http_server
-
     with _lock:
         if (host, port) in _servers:
             raise PortInUse(errno.EADDRINUSE, f"port {port} on {host} is served by another otel_llm session")
         try:
-            httpd, _thread = start_http_server(port, addr=host)
+            httpd = _scrape_server.start(host, port)
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
                 raise

@@ -201,7 +201,9 @@ CATALOG: Final[tuple[MetricSpec, ...]] = (
     _gauge(TELEMETRY_SAMPLING_INTERVAL, "Current sampling interval.", unit="{step}"),
     MetricSpec(TELEMETRY_OVERHEAD, "histogram", "s", "Host time the probes added to a sampled step.",
                buckets=OVERHEAD_BUCKETS),
-    MetricSpec(TELEMETRY_NONFINITE, "counter", "{event}", "Signal values that came out NaN or Inf.",
+    MetricSpec(TELEMETRY_NONFINITE, "counter", "{event}",
+               "Sampled steps on which a signal came out NaN or Inf (one event per signal per step); those values "
+               "are dropped.",
                attributes=(ATTR_SIGNAL,),
                thresholds=(Threshold("warning", "increase", 0.0, "a signal went NaN/Inf"),)),
     MetricSpec(ANOMALY_EVENTS, "counter", "{event}", "Anomalies flagged by the SAX detector.",

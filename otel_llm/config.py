@@ -92,6 +92,34 @@ def _non_negative_float(value: Any, name: str) -> float:
     raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
+def _at_least(minimum: int) -> Callable[[Any, str], int]:
+    def parse(value: Any, name: str) -> int:
+        number = _int_value(value, name)
+        if number < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {number}")
+        return number
+
+    return parse
+
+
+def _fraction(value: Any, name: str) -> float:
+    number = _positive_float(value, name)
+    if number > 1:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    return number
+
+
+def _flag(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
 def _choice(*choices: str) -> Callable[[Any, str], str]:
     def parse(value: Any, name: str) -> str:
         text = str(value).strip().lower()
@@ -166,12 +194,55 @@ def _option(env_var: str, parse: Callable[[Any, str], Any], default: Any, help: 
 class Config:
     """All otel_llm options. Unset fields come from the environment variable named in each field."""
 
+    sampling: str = _option(
+        env.OTEL_LLM_SAMPLING, _choice("adaptive", "fixed"), "adaptive",
+        "Sampling policy: `adaptive` (see \"Adaptive sampling\") or `fixed` (every `sampling_interval` steps).")
     sampling_interval: int = _option(
         env.OTEL_LLM_SAMPLING_INTERVAL, _positive_int, 10,
-        "Compute the expensive signals every N optimizer steps.")
-    sampling: str = _option(
-        env.OTEL_LLM_SAMPLING, _choice("fixed", "adaptive"), "fixed",
-        "Sampling policy (`adaptive` currently follows the fixed schedule).")
+        "Fixed policy: compute the expensive signals every N optimizer steps.")
+    sampling_warmup: int = _option(
+        env.OTEL_LLM_SAMPLING_WARMUP, _non_negative_int, 100,
+        "Adaptive: sample every step for the first N steps.")
+    sampling_min_interval: int = _option(
+        env.OTEL_LLM_SAMPLING_MIN_INTERVAL, _positive_int, 10,
+        "Adaptive: interval after warm-up and right after a loss spike, non-finite value or anomaly.")
+    sampling_max_interval: int = _option(
+        env.OTEL_LLM_SAMPLING_MAX_INTERVAL, _positive_int, 100,
+        "Adaptive: the interval never exceeds this.")
+    sampling_growth_steps: int = _option(
+        env.OTEL_LLM_SAMPLING_GROWTH_STEPS, _positive_int, 1000,
+        "Adaptive: the interval doubles after every N steps without trouble.")
+    sampling_loss_window: int = _option(
+        env.OTEL_LLM_SAMPLING_LOSS_WINDOW, _at_least(2), 20,
+        "Adaptive: sampled losses behind the spike and plateau tests.")
+    sampling_spike_sigma: float = _option(
+        env.OTEL_LLM_SAMPLING_SPIKE_SIGMA, _positive_float, 4.0,
+        "Adaptive: a loss this many standard deviations (at least 1% of the mean) above the window mean "
+        "is a spike.")
+    sampling_plateau_tolerance: float = _option(
+        env.OTEL_LLM_SAMPLING_PLATEAU_TOLERANCE, _non_negative_float, 0.01,
+        "Adaptive: a full window whose std is below this fraction of its mean is a plateau (interval x2).")
+    sampling_memory_limit: float = _option(
+        env.OTEL_LLM_SAMPLING_MEMORY_LIMIT, _fraction, 0.85,
+        "Adaptive: `llm.memory.pressure` above this doubles the interval.")
+    anomaly_detection: bool = _option(
+        env.OTEL_LLM_ANOMALY_DETECTION, _flag, True,
+        "Run the SAX anomaly detector on every gauge signal (`llm.anomaly.events`).")
+    anomaly_baseline: int = _option(
+        env.OTEL_LLM_ANOMALY_BASELINE, _at_least(2), 64,
+        "Anomaly: sampled values per signal in the baseline.")
+    anomaly_window: int = _option(
+        env.OTEL_LLM_ANOMALY_WINDOW, _positive_int, 8,
+        "Anomaly: sampled values in the recent window (at most the baseline).")
+    anomaly_segments: int = _option(
+        env.OTEL_LLM_ANOMALY_SEGMENTS, _positive_int, 4,
+        "Anomaly: PAA segments per window (must divide the window).")
+    anomaly_alphabet: int = _option(
+        env.OTEL_LLM_ANOMALY_ALPHABET, _at_least(2), 8,
+        "Anomaly: SAX alphabet size (Gaussian breakpoints).")
+    anomaly_threshold: float = _option(
+        env.OTEL_LLM_ANOMALY_THRESHOLD, _positive_float, 6.5,
+        "Anomaly: a mean MINDIST to the baseline words above this flags the signal.")
     disabled_signals: tuple[str, ...] = _option(
         env.OTEL_LLM_DISABLED_SIGNALS, _signals, (),
         "Catalog signals (comma list, fnmatch patterns) neither computed nor exported.")
@@ -234,10 +305,40 @@ class Config:
             if value is spec.metadata["default"]:
                 continue
             object.__setattr__(self, spec.name, spec.metadata["parse"](value, spec.name))
+        self._require(("sampling_min_interval", "sampling_max_interval"),
+                      self.sampling_max_interval >= self.sampling_min_interval, "the maximum must be >= the minimum")
+        self._require(("anomaly_window", "anomaly_baseline"), self.anomaly_window <= self.anomaly_baseline,
+                      "the window must not be longer than the baseline")
+        self._require(("anomaly_segments", "anomaly_window"), self.anomaly_window % self.anomaly_segments == 0,
+                      "the segments must divide the window")
+
+    def _require(self, names: tuple[str, ...], holds: bool, rule: str) -> None:
+        """Cross-field rule: explicit values raise; values from the environment warn and fall back."""
+        if holds:
+            return
+        specs = [spec for spec in fields(self) if spec.name in names]
+        described = ", ".join(f"{spec.name}={getattr(self, spec.name)!r}" for spec in specs)
+        from_env = [spec for spec in specs if _from_env(spec, getattr(self, spec.name))]
+        if not from_env:
+            raise ValueError(f"{described}: {rule}")
+        _logger.warning("otel_llm: ignoring %s (%s: %s); using the defaults",
+                        ", ".join(spec.metadata["env"] for spec in from_env), described, rule)
+        for spec in specs:
+            object.__setattr__(self, spec.name, spec.metadata["default"])
 
     def is_disabled(self, name: str) -> bool:
         """True when ``name`` matches one of :attr:`disabled_signals`."""
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.disabled_signals)
+
+
+def _from_env(spec: Any, value: Any) -> bool:
+    raw = os.environ.get(spec.metadata["env"])
+    if raw is None or raw.strip() == "":
+        return False
+    try:
+        return spec.metadata["parse"](raw, spec.metadata["env"]) == value
+    except ValueError:
+        return False
 
 
 def options() -> list[tuple[str, str, Any, str]]:

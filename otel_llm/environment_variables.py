@@ -10,6 +10,12 @@ from typing import Final
 __all__ = [
     "OTEL_LLM_ACTIVATION_OUTLIER_THRESHOLD",
     "OTEL_LLM_ACTIVATION_SPARSITY_THRESHOLD",
+    "OTEL_LLM_ANOMALY_ALPHABET",
+    "OTEL_LLM_ANOMALY_BASELINE",
+    "OTEL_LLM_ANOMALY_DETECTION",
+    "OTEL_LLM_ANOMALY_SEGMENTS",
+    "OTEL_LLM_ANOMALY_THRESHOLD",
+    "OTEL_LLM_ANOMALY_WINDOW",
     "OTEL_LLM_ATTENTION_QUERIES",
     "OTEL_LLM_DISABLED_SIGNALS",
     "OTEL_LLM_EXPORT_RANKS",
@@ -17,7 +23,15 @@ __all__ = [
     "OTEL_LLM_LAYERS_PATH",
     "OTEL_LLM_MLP_OUTPUT_PATH",
     "OTEL_LLM_SAMPLING",
+    "OTEL_LLM_SAMPLING_GROWTH_STEPS",
     "OTEL_LLM_SAMPLING_INTERVAL",
+    "OTEL_LLM_SAMPLING_LOSS_WINDOW",
+    "OTEL_LLM_SAMPLING_MAX_INTERVAL",
+    "OTEL_LLM_SAMPLING_MEMORY_LIMIT",
+    "OTEL_LLM_SAMPLING_MIN_INTERVAL",
+    "OTEL_LLM_SAMPLING_PLATEAU_TOLERANCE",
+    "OTEL_LLM_SAMPLING_SPIKE_SIGMA",
+    "OTEL_LLM_SAMPLING_WARMUP",
     "OTEL_LLM_SCHEMA",
     "OTEL_LLM_SHUTDOWN_TIMEOUT",
     "OTEL_LLM_TOKEN_LOSS_SAMPLES",
@@ -26,10 +40,10 @@ __all__ = [
 ]
 
 OTEL_LLM_SAMPLING_INTERVAL: Final = "OTEL_LLM_SAMPLING_INTERVAL"
-"""Compute the expensive signals every N optimizer steps (integer >= 1, default 10)."""
+"""Fixed sampling: compute the expensive signals every N optimizer steps (integer >= 1, default 10)."""
 
 OTEL_LLM_SAMPLING: Final = "OTEL_LLM_SAMPLING"
-"""Sampling policy: ``fixed`` (default) or ``adaptive`` (currently the fixed schedule)."""
+"""Sampling policy: ``adaptive`` (default) or ``fixed`` (every ``OTEL_LLM_SAMPLING_INTERVAL`` steps)."""
 
 OTEL_LLM_DISABLED_SIGNALS: Final = "OTEL_LLM_DISABLED_SIGNALS"
 """Comma-separated catalog names (``fnmatch`` patterns allowed) to neither compute nor export."""
@@ -69,3 +83,45 @@ OTEL_LLM_ACTIVATION_OUTLIER_THRESHOLD: Final = "OTEL_LLM_ACTIVATION_OUTLIER_THRE
 
 OTEL_LLM_EXPORT_RANKS: Final = "OTEL_LLM_EXPORT_RANKS"
 """Which data-parallel ranks export: ``all`` (default) or ``zero`` (rank 0 only)."""
+
+OTEL_LLM_SAMPLING_WARMUP: Final = "OTEL_LLM_SAMPLING_WARMUP"
+"""Adaptive sampling: steps sampled one by one at the start of training (default 100)."""
+
+OTEL_LLM_SAMPLING_MIN_INTERVAL: Final = "OTEL_LLM_SAMPLING_MIN_INTERVAL"
+"""Adaptive sampling: interval after warm-up and after any loss spike, non-finite value or anomaly (default 10)."""
+
+OTEL_LLM_SAMPLING_MAX_INTERVAL: Final = "OTEL_LLM_SAMPLING_MAX_INTERVAL"
+"""Adaptive sampling: the interval never grows past this (default 100)."""
+
+OTEL_LLM_SAMPLING_GROWTH_STEPS: Final = "OTEL_LLM_SAMPLING_GROWTH_STEPS"
+"""Adaptive sampling: quiet steps after which the interval doubles (default 1000)."""
+
+OTEL_LLM_SAMPLING_LOSS_WINDOW: Final = "OTEL_LLM_SAMPLING_LOSS_WINDOW"
+"""Adaptive sampling: sampled losses behind the spike and plateau tests (default 20)."""
+
+OTEL_LLM_SAMPLING_SPIKE_SIGMA: Final = "OTEL_LLM_SAMPLING_SPIKE_SIGMA"
+"""Adaptive sampling: a loss this many standard deviations above the window mean is a spike (default 4)."""
+
+OTEL_LLM_SAMPLING_PLATEAU_TOLERANCE: Final = "OTEL_LLM_SAMPLING_PLATEAU_TOLERANCE"
+"""Adaptive sampling: a window whose std is below this fraction of its mean is a plateau (default 0.01)."""
+
+OTEL_LLM_SAMPLING_MEMORY_LIMIT: Final = "OTEL_LLM_SAMPLING_MEMORY_LIMIT"
+"""Adaptive sampling: memory pressure above which the interval doubles (default 0.85)."""
+
+OTEL_LLM_ANOMALY_DETECTION: Final = "OTEL_LLM_ANOMALY_DETECTION"
+"""SAX anomaly detection on the gauge signals: ``true`` (default) or ``false``."""
+
+OTEL_LLM_ANOMALY_BASELINE: Final = "OTEL_LLM_ANOMALY_BASELINE"
+"""Anomaly detection: sampled values in each signal's baseline (default 64)."""
+
+OTEL_LLM_ANOMALY_WINDOW: Final = "OTEL_LLM_ANOMALY_WINDOW"
+"""Anomaly detection: sampled values in the recent window compared with the baseline (default 8)."""
+
+OTEL_LLM_ANOMALY_SEGMENTS: Final = "OTEL_LLM_ANOMALY_SEGMENTS"
+"""Anomaly detection: PAA segments per window; must divide the window (default 4)."""
+
+OTEL_LLM_ANOMALY_ALPHABET: Final = "OTEL_LLM_ANOMALY_ALPHABET"
+"""Anomaly detection: SAX alphabet size, Gaussian breakpoints (default 8)."""
+
+OTEL_LLM_ANOMALY_THRESHOLD: Final = "OTEL_LLM_ANOMALY_THRESHOLD"
+"""Anomaly detection: MINDIST score above which a signal is flagged (default 6.5)."""

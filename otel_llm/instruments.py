@@ -3,13 +3,16 @@
 The training thread only enqueues host values (:class:`Publication`); a daemon
 thread records counters and histograms and swaps in the new :class:`Snapshot`
 that observable-gauge callbacks read. NaN/Inf never reach the SDK: they are
-counted in ``llm.telemetry.nonfinite`` per signal instead.
+dropped, and ``llm.telemetry.nonfinite{llm.signal}`` counts one event per
+signal per sampled step that had any, gauge or histogram, whatever the number
+of layers or measurements affected.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -19,7 +22,9 @@ from typing import Any
 import numpy as np
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
+from otel_llm.anomaly import AnomalyMonitor
 from otel_llm.catalog import (
+    ANOMALY_EVENTS,
     ATTR_SIGNAL,
     CATALOG,
     KV_CACHE_HIT_RATIO,
@@ -59,8 +64,12 @@ def create_instrument(meter: Meter, spec: MetricSpec) -> Any:
 class Publisher:
     """Owns the catalog instruments of one provider and the exporter-side thread."""
 
-    def __init__(self, meter: Meter) -> None:
+    def __init__(self, meter: Meter, anomalies: AnomalyMonitor | None = None) -> None:
+        self._pid = os.getpid()
         self._snapshot = Snapshot()
+        self._anomalies = anomalies
+        self._flagged = 0
+        self._flagged_lock = threading.Lock()
         self._kv = KvCacheWindow()
         self._sync: dict[str, Any] = {}
         for spec in CATALOG:
@@ -71,6 +80,7 @@ class Publisher:
                 self._sync[spec.name] = create_instrument(meter, spec)
         self._queue: queue.Queue[Publication | None] = queue.Queue()
         self._dropped = False
+        self._record_failed = False
         self._thread = threading.Thread(target=self._run, name="otel_llm-publisher", daemon=True)
         self._thread.start()
 
@@ -98,6 +108,12 @@ class Publisher:
             return
         self._queue.put_nowait(publication)
 
+    def take_anomalies(self) -> int:
+        """Anomalies flagged since the last call (for the sampler; the exporter thread adds to it)."""
+        with self._flagged_lock:
+            flagged, self._flagged = self._flagged, 0
+        return flagged
+
     def drain(self, timeout: float) -> bool:
         """Wait until every submitted publication is recorded (at most ``timeout`` seconds)."""
         deadline = time.monotonic() + timeout
@@ -112,13 +128,25 @@ class Publisher:
         self._queue.put_nowait(None)
 
     # -- manual recording (caller's thread) -------------------------------------
+    def _in_forked_child(self) -> bool:
+        """True in a process forked after this publisher was made (a DataLoader worker).
+
+        Such a process never exports, and the fork copied every lock as it was:
+        one the parent's exporter thread held mid-collection stays held there
+        forever, so recording would hang the worker. It records nothing.
+        """
+        return os.getpid() != self._pid
+
     def record_kv_cache(self, reused: int, added: int) -> None:
+        if self._in_forked_child():
+            return
         self._kv.update(reused, added)
         self._sync[KV_CACHE_HITS].add(reused)
         self._sync[KV_CACHE_LOOKUPS].add(reused + added)
 
     def count_nonfinite(self, signal: str) -> None:
-        self._sync[TELEMETRY_NONFINITE].add(1, {ATTR_SIGNAL: signal})
+        if not self._in_forked_child():
+            self._sync[TELEMETRY_NONFINITE].add(1, {ATTR_SIGNAL: signal})
 
     # -- exporter thread --------------------------------------------------------
     def _run(self) -> None:
@@ -129,11 +157,14 @@ class Publisher:
                     return
                 self._record(publication)
             except Exception:  # noqa: BLE001 - the exporter thread must survive anything
-                _logger.warning("otel_llm: failed to record step telemetry", exc_info=True)
+                if not self._record_failed:  # once: a lasting failure would log a traceback every sampled step
+                    self._record_failed = True
+                    _logger.warning("otel_llm: failed to record step telemetry", exc_info=True)
             finally:
                 self._queue.task_done()
 
     def _finite_gauges(self, publication: Publication) -> dict[str, tuple[tuple[Mapping[str, str], float], ...]]:
+        """The publication's finite gauge points; a signal with any non-finite point counts one event."""
         gauges: dict[str, tuple[tuple[Mapping[str, str], float], ...]] = {}
         for name, points in publication.gauges.items():
             kept = tuple((attrs, float(value)) for attrs, value in points if math.isfinite(value))
@@ -157,15 +188,31 @@ class Publisher:
         if not publication.sampled:
             return
         sync[TELEMETRY_SAMPLED_STEPS].add(1)
+        nonfinite: set[str] = set()  # once per signal, however many of its layers or measurements
         for name, attributes, measurements in publication.histograms:
             instrument = sync.get(name)
             if instrument is None:
                 continue
             finite = measurements[np.isfinite(measurements)]
             if finite.size < measurements.size:
-                self.count_nonfinite(name)
+                nonfinite.add(name)
             for value in finite[finite >= 0].tolist():
                 instrument.record(value, attributes)
+        for name in nonfinite:
+            self.count_nonfinite(name)
         if publication.overhead is not None:
             sync[TELEMETRY_OVERHEAD].record(publication.overhead)
-        self._snapshot = Snapshot(publication.step, self._finite_gauges(publication))
+        gauges = self._finite_gauges(publication)
+        self._snapshot = Snapshot(publication.step, gauges)
+        if self._anomalies is not None:
+            self._flag_anomalies(publication.step, gauges)
+
+    def _flag_anomalies(self, step: int, gauges: Mapping[str, Iterable[tuple[Mapping[str, str], float]]]) -> None:
+        flagged = self._anomalies.observe(step, gauges) if self._anomalies is not None else []
+        for anomaly in flagged:
+            self._sync[ANOMALY_EVENTS].add(1, {ATTR_SIGNAL: anomaly.signal})
+            _logger.warning("otel_llm: anomaly in %s%s at step %d (SAX distance %.3g > %.3g)", anomaly.signal,
+                            dict(anomaly.attributes) or "", anomaly.step, anomaly.score, self._anomalies.threshold)
+        if flagged:
+            with self._flagged_lock:
+                self._flagged += len(flagged)

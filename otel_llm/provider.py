@@ -8,7 +8,11 @@ Built so the export path can never hurt training:
 * the OTLP exporter is wrapped so a forked child (DataLoader worker) never
   exports the parent's copied state;
 * flushes touch the OTLP reader only (a provider-wide flush makes the
-  Prometheus reader emit duplicate series), and shutdown is bounded in time.
+  Prometheus reader emit duplicate series), and shutdown is bounded in time,
+  more tightly when the collector already failed (a stopping job must not wait
+  on a collector that is down or never answers);
+* while the OTLP exporter lives, its failures are logged at most once a minute
+  per kind and the OTLP header values never reach a log (:mod:`otel_llm._log_limits`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -29,7 +34,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.resources import Resource
 
-from otel_llm import _prometheus_server
+from otel_llm import _log_limits, _prometheus_server
 from otel_llm.catalog import MetricSpec
 from otel_llm.config import Config
 from otel_llm.rank import RankInfo, exports, rank_info
@@ -41,6 +46,11 @@ _logger = logging.getLogger(__name__)
 
 RANK_RESOURCE_KEYS = ("llm.rank", "llm.world_size")
 """Resource attributes promoted to labels on every Prometheus series."""
+
+STUCK_EXPORT_SECONDS = 1.0
+"""An export still running after this long is retrying or hanging; a healthy collector answers in milliseconds."""
+FAILING_COLLECTOR_SHUTDOWN_SECONDS = 0.5
+"""Shutdown bound when the collector already failed: enough for one more try if it came back."""
 
 
 def run_bounded(action: Callable[[], object], timeout: float, what: str) -> bool:
@@ -74,12 +84,24 @@ class ForkSafeExporter(MetricExporter):
         self._pid = os.getpid()
         self.last_result: MetricExportResult | None = None
         """Outcome of the latest export, so a flush can say whether anything arrived."""
+        self._export_started: float | None = None
 
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: object) -> MetricExportResult:
         if os.getpid() != self._pid:
             return MetricExportResult.SUCCESS
-        self.last_result = self._inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+        self._export_started = time.monotonic()
+        try:
+            with _log_limits.export_scope():
+                self.last_result = self._inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+        finally:
+            self._export_started = None
         return self.last_result
+
+    def collector_failing(self) -> bool:
+        """True when the latest export failed or the running one has taken over ``STUCK_EXPORT_SECONDS``."""
+        started = self._export_started
+        return self.last_result is MetricExportResult.FAILURE or (
+            started is not None and time.monotonic() - started > STUCK_EXPORT_SECONDS)
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
         return os.getpid() != self._pid or self._inner.force_flush(timeout_millis)
@@ -90,22 +112,33 @@ class ForkSafeExporter(MetricExporter):
 
 
 def _otlp_exporter() -> MetricExporter:
+    """The SDK's OTLP metric exporter for the configured protocol, built with the export-path log filter on.
+
+    The filter goes on first because the exporter's constructor already logs
+    (a malformed ``OTEL_EXPORTER_OTLP_HEADERS`` entry, verbatim); the bundle takes
+    it off at shutdown.
+    """
     protocol = (os.environ.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL")
                 or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip().lower()
+    if protocol not in ("grpc", "http/protobuf"):
+        _logger.warning("otel_llm: unsupported OTLP protocol %r; using grpc", protocol)
+        protocol = "grpc"
     if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
-            OTLPMetricExporter,
-        )
-    elif protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    else:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
             OTLPMetricExporter,  # type: ignore[assignment]
         )
-    else:
-        _logger.warning("otel_llm: unsupported OTLP protocol %r; using grpc", protocol)
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
-            OTLPMetricExporter,
-        )
-    return OTLPMetricExporter()
+    _log_limits.attach()
+    try:
+        if protocol == "grpc":
+            return OTLPMetricExporter()
+        from otel_llm._otlp_http_session import pinned_session_if_configured
+
+        return OTLPMetricExporter(session=pinned_session_if_configured())
+    except BaseException:
+        _log_limits.detach()
+        raise
 
 
 def build_resource(config: Config, ranks: RankInfo) -> Resource:
@@ -144,12 +177,28 @@ class ProviderBundle:
         return done and (exporter is None or exporter.last_result is not MetricExportResult.FAILURE)
 
     def shutdown(self, timeout: float) -> bool:
-        """Final OTLP push and reader shutdown, bounded by ``timeout`` seconds; idempotent."""
+        """Final OTLP push and reader shutdown, bounded by ``timeout`` seconds; idempotent.
+
+        When the collector already failed, the bound is at most
+        ``FAILING_COLLECTOR_SHUTDOWN_SECONDS``: a process exiting or stopped by
+        SIGTERM would otherwise spend the whole timeout on a push that cannot land.
+        """
         if self._closed:
             return True
         self._closed = True
         provider = self.provider
-        done = run_bounded(lambda: provider.shutdown(timeout_millis=timeout * 1000), timeout, "shutdown")
+        owns_log_filter = self.otlp_exporter is not None
+        if self.otlp_exporter is not None and self.otlp_exporter.collector_failing():
+            timeout = min(timeout, FAILING_COLLECTOR_SHUTDOWN_SECONDS)
+
+        def close() -> None:
+            try:
+                provider.shutdown(timeout_millis=timeout * 1000)
+            finally:
+                if owns_log_filter:  # only once the exporter is done, however long an abandoned one takes
+                    _log_limits.detach()
+
+        done = run_bounded(close, timeout, "shutdown")
         if self.prometheus_endpoint is not None:
             _prometheus_server.release(*self.prometheus_endpoint)
         return done

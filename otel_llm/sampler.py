@@ -1,22 +1,58 @@
 """Which optimizer steps compute the expensive signals.
 
-The decision is a pure function of the step index (and, for adaptive policies,
-of inputs every rank agrees on), so every data-parallel rank samples the same
-steps and no rank ever enters a telemetry collective the others skip.
+``is_sampled(step)`` must be answerable before the step's forward pass, so it
+depends only on the sampler's state. Adaptive state changes only in ``update``,
+called at the end of a sampled step with inputs every rank agrees on (one
+all-reduce); every data-parallel rank therefore samples the same steps and no
+rank ever enters a telemetry collective the others skip.
 """
 
 from __future__ import annotations
 
-__all__ = ["FixedIntervalSampler", "Sampler", "make_sampler"]
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from otel_llm.config import Config
+
+__all__ = ["AdaptiveSampler", "FixedIntervalSampler", "Sampler", "SamplingInputs", "make_sampler"]
+
+
+@dataclass(frozen=True)
+class SamplingInputs:
+    """What a sampled step tells the adaptive policy, already agreed across ranks.
+
+    ``loss`` is the largest finite per-rank loss (NaN when none is known),
+    ``memory_pressure`` the largest per-rank pressure (0 when unknown).
+    """
+
+    loss: float = math.nan
+    nonfinite: bool = False
+    anomaly: bool = False
+    memory_pressure: float = 0.0
+
+    @classmethod
+    def from_vector(cls, vector: np.ndarray) -> SamplingInputs:
+        """Decode the all-reduced [loss, nonfinite, anomaly, pressure] vector (-inf loss: none finite)."""
+        loss, nonfinite, anomaly, pressure = (float(v) for v in vector[:4])
+        return cls(loss if math.isfinite(loss) else math.nan, nonfinite > 0, anomaly > 0, max(pressure, 0.0))
 
 
 class Sampler:
-    """Interface: ``is_sampled(step)`` must be answerable before the step's forward pass."""
+    """Interface: ``is_sampled(step)``; ``update`` after each sampled step when ``adaptive``."""
 
     interval: int
+    adaptive = False
 
     def is_sampled(self, step: int) -> bool:
         raise NotImplementedError
+
+    def update(self, step: int, inputs: SamplingInputs) -> None:
+        """Take the agreed inputs of sampled ``step``; fixed policies ignore them."""
 
 
 class FixedIntervalSampler(Sampler):
@@ -31,8 +67,89 @@ class FixedIntervalSampler(Sampler):
         return step % self.interval == 0
 
 
-def make_sampler(policy: str, interval: int) -> Sampler:
-    """The sampler for a policy name; ``adaptive`` follows the fixed schedule for now."""
-    if policy not in ("fixed", "adaptive"):
-        raise ValueError(f"unknown sampling policy {policy!r}")
-    return FixedIntervalSampler(interval)
+class AdaptiveSampler(Sampler):
+    """Every step during warm-up, then an interval that grows with quiet steps and snaps back on trouble.
+
+    After sampled step ``t`` the next sampled step is ``t + interval`` where, in order of precedence:
+
+    - warm-up (``t + 1 < warmup``): interval 1;
+    - a loss spike, a non-finite loss/gradient norm or an anomaly: interval ``min_interval``,
+      and the growth clock restarts at ``t``;
+    - otherwise ``base = min_interval * 2 ** ((t - start) // growth_steps)`` (``start``: the end
+      of warm-up or the last tightening), doubled on a loss plateau, doubled again when
+      memory pressure exceeds ``memory_limit``, capped at ``max_interval``.
+
+    A spike is a loss above ``mean + spike_sigma * max(std, 1% of |mean|)`` of the previous
+    ``loss_window`` sampled losses (at least half a window of them); a plateau is a full
+    window whose standard deviation is below ``plateau_tolerance * |mean|``.
+    """
+
+    adaptive = True
+
+    def __init__(self, *, warmup: int = 100, min_interval: int = 10, max_interval: int = 100,
+                 growth_steps: int = 1000, loss_window: int = 20, spike_sigma: float = 4.0,
+                 plateau_tolerance: float = 0.01, memory_limit: float = 0.85) -> None:
+        if warmup < 0 or min_interval < 1 or growth_steps < 1 or loss_window < 2:
+            raise ValueError("adaptive sampling needs warmup >= 0, min_interval >= 1, growth_steps >= 1 "
+                             f"and loss_window >= 2 (got {warmup}, {min_interval}, {growth_steps}, {loss_window})")
+        if max_interval < min_interval:
+            raise ValueError(f"max_interval ({max_interval}) must be >= min_interval ({min_interval})")
+        self.warmup, self.min_interval, self.max_interval = warmup, min_interval, max_interval
+        self.growth_steps, self.spike_sigma = growth_steps, spike_sigma
+        self.plateau_tolerance, self.memory_limit = plateau_tolerance, memory_limit
+        self.interval = 1 if warmup > 0 else min_interval
+        self.reason = "warm-up" if warmup > 0 else "growth"
+        self._next = 0
+        self._start = warmup
+        self._losses: deque[float] = deque(maxlen=loss_window)
+
+    def is_sampled(self, step: int) -> bool:
+        return step < self.warmup or step == self._next
+
+    def update(self, step: int, inputs: SamplingInputs) -> None:
+        spike = self._is_spike(inputs.loss)
+        if math.isfinite(inputs.loss):
+            self._losses.append(inputs.loss)
+        if spike or inputs.nonfinite or inputs.anomaly:
+            self._start = step
+        if step + 1 < self.warmup:
+            self._decide(step, 1, "warm-up")
+        elif spike or inputs.nonfinite or inputs.anomaly:
+            reason = "loss spike" if spike else "non-finite value" if inputs.nonfinite else "anomaly"
+            self._decide(step, self.min_interval, reason)
+        else:
+            doublings = max(0, step - max(self._start, self.warmup)) // self.growth_steps
+            interval = self.min_interval * 2 ** min(doublings, 62)
+            reasons = ["growth"]
+            if self._is_plateau():
+                interval, reasons = interval * 2, reasons + ["plateau"]
+            if inputs.memory_pressure > self.memory_limit:
+                interval, reasons = interval * 2, reasons + ["memory pressure"]
+            self._decide(step, min(interval, self.max_interval), " + ".join(reasons))
+
+    def _decide(self, step: int, interval: int, reason: str) -> None:
+        self.interval, self.reason, self._next = interval, reason, step + interval
+
+    def _is_spike(self, loss: float) -> bool:
+        if not math.isfinite(loss) or len(self._losses) < max(2, self._losses.maxlen // 2):  # type: ignore[operator]
+            return False
+        history = np.fromiter(self._losses, dtype=np.float64)
+        mean = float(history.mean())
+        return loss > mean + self.spike_sigma * max(float(history.std()), 0.01 * abs(mean))
+
+    def _is_plateau(self) -> bool:
+        if len(self._losses) < self._losses.maxlen:  # type: ignore[operator]
+            return False
+        history = np.fromiter(self._losses, dtype=np.float64)
+        return float(history.std()) < self.plateau_tolerance * abs(float(history.mean()))
+
+
+def make_sampler(config: Config) -> Sampler:
+    """The sampler ``config`` asks for."""
+    if config.sampling == "fixed":
+        return FixedIntervalSampler(config.sampling_interval)
+    return AdaptiveSampler(
+        warmup=config.sampling_warmup, min_interval=config.sampling_min_interval,
+        max_interval=config.sampling_max_interval, growth_steps=config.sampling_growth_steps,
+        loss_window=config.sampling_loss_window, spike_sigma=config.sampling_spike_sigma,
+        plateau_tolerance=config.sampling_plateau_tolerance, memory_limit=config.sampling_memory_limit)

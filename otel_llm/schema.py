@@ -68,7 +68,7 @@ def validate_spec(raw: Mapping[str, Any], *, source: str = "<register>", entry: 
     if instrument not in SCHEMA_INSTRUMENTS:
         raise _fail(source, label, f"unknown instrument {instrument!r}; use one of {', '.join(SCHEMA_INSTRUMENTS)}")
     unit = str(raw.get("unit", "1"))
-    description = str(raw.get("description", ""))
+    description = str(raw.get("description", "")).strip() or f"User metric {name}."  # HELP must not be empty
     attributes = raw.get("attributes", []) or []
     if not isinstance(attributes, Sequence) or isinstance(attributes, str):
         raise _fail(source, label, "attributes must be a list of attribute keys")

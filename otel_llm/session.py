@@ -26,7 +26,9 @@ from torch.optim.optimizer import (
 )
 from torch.utils.hooks import RemovableHandle
 
+from otel_llm.anomaly import AnomalyMonitor
 from otel_llm.catalog import (
+    ANOMALY_EVENTS,
     ATTR_DEVICE,
     ATTR_PARAM_GROUP,
     KV_CACHE_HIT_RATIO,
@@ -55,9 +57,10 @@ from otel_llm.probes.registry import build_model_probes
 from otel_llm.probes.tokens import TokenCounter
 from otel_llm.probes.update_sample import CoordinateSample
 from otel_llm.provider import ProviderBundle, build_provider
-from otel_llm.sampler import make_sampler
+from otel_llm.sampler import SamplingInputs, make_sampler
+from otel_llm.sampling_agreement import agreed_inputs
 from otel_llm.schema import builtin_names, load_schema, validate_spec
-from otel_llm.snapshot import Publication, to_host
+from otel_llm.snapshot import GaugePoints, Publication, to_host
 from otel_llm.version import __version__
 
 __all__ = ["Instrumentation", "active", "check_types"]
@@ -68,6 +71,7 @@ _LOSS_FAMILY = (TRAIN_LOSS, LOSS_TOKEN, LOSS_TOKEN_SKEWNESS, LOGITS_Z_LOSS)
 _UPDATE_FAMILY = (PARAM_UPDATE_RATIO, PARAM_UPDATE_VARIANCE_RATIO)
 _KV_CACHE_FAMILY = (KV_CACHE_HIT_RATIO, KV_CACHE_HITS, KV_CACHE_LOOKUPS)
 _TOKENS_KEY = "#tokens"
+_DECISION_KEY = "#sampling"
 
 _sessions: weakref.WeakSet[Instrumentation] = weakref.WeakSet()
 _forked = False
@@ -91,6 +95,16 @@ def _shutdown_all() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(_shutdown_all)
+
+
+def _anomaly_monitor(config: Config) -> AnomalyMonitor | None:
+    """The SAX detector the config asks for; schedule- and memory-driven gauges are not judged."""
+    if not config.anomaly_detection or config.is_disabled(ANOMALY_EVENTS):
+        return None
+    return AnomalyMonitor(baseline=config.anomaly_baseline, window=config.anomaly_window,
+                          segments=config.anomaly_segments, alphabet=config.anomaly_alphabet,
+                          threshold=config.anomaly_threshold,
+                          ignored=(TRAIN_LEARNING_RATE, MEMORY_PRESSURE, TELEMETRY_SAMPLING_INTERVAL))
 
 
 def check_types(model: object, optimizer: object) -> None:
@@ -122,13 +136,13 @@ class Instrumentation:
             self._bundle, self._owns_provider = build_provider(self.config, schema, extra_readers), True
         meter = self._bundle.provider.get_meter("otel_llm", __version__)
         self._meter = meter
-        self._publisher = Publisher(meter)
+        self._publisher = Publisher(meter, _anomaly_monitor(self.config))
         self._custom: dict[str, tuple[MetricSpec, Any]] = {}
         for spec in schema:
             self._custom[spec.name] = (spec, create_instrument(meter, spec))
 
         cfg = self.config
-        self._sampler = make_sampler(cfg.sampling, cfg.sampling_interval)
+        self._sampler = make_sampler(cfg)
         self._want_loss = not all(cfg.is_disabled(n) for n in _LOSS_FAMILY)
         self._loss = LossProbe(cfg.token_loss_samples, seed=cfg.update_sample_seed)
         sample = CoordinateSample(cfg.update_sample_size, cfg.update_sample_seed)
@@ -165,12 +179,26 @@ class Instrumentation:
         else:
             self._tokens.discover()
         _sessions.add(self)
+        # SIGTERM: bounded telemetry shutdown before the default kill (see otel_llm/_termination.py).
+        from otel_llm._termination import install_sigterm_handler
+
+        install_sigterm_handler(_shutdown_all, self.config.shutdown_timeout)
 
     # -- public surface ---------------------------------------------------------
     @property
     def step(self) -> int:
         """Optimizer steps seen so far."""
         return self._step
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the current step computes the expensive signals (known before its forward pass)."""
+        return self._sampled
+
+    @property
+    def sampling_interval(self) -> int:
+        """Steps between sampled steps as the sampling policy sets it now (1 during adaptive warm-up)."""
+        return self._sampler.interval
 
     @property
     def meter_provider(self) -> MeterProvider:
@@ -224,7 +252,12 @@ class Instrumentation:
         return spec
 
     def record(self, name: str, value: float, attributes: Mapping[str, str] | None = None) -> None:
-        """Record a value of a schema-declared or registered metric; NaN/Inf are counted, not sent."""
+        """Record a value of a schema-declared or registered metric; NaN/Inf are counted, not sent.
+
+        Attribute keys the metric does not declare are dropped, as its View drops them.
+        """
+        if _forked:  # a forked worker never exports; recording could wait on a lock copied mid-use
+            return
         entry = self._custom.get(name)
         if entry is None:
             raise ValueError(f"unknown custom metric {name!r}: declare it in OTEL_LLM_SCHEMA or register() it")
@@ -233,7 +266,7 @@ class Instrumentation:
         if value != value or value in (float("inf"), float("-inf")):
             self._publisher.count_nonfinite(name)
             return
-        attrs = dict(attributes or {})
+        attrs = {key: value for key, value in (attributes or {}).items() if key in spec.attributes}
         if spec.instrument == "counter":
             if value < 0:
                 raise ValueError(f"{name} is a counter; it cannot decrease by {value}")
@@ -296,13 +329,15 @@ class Instrumentation:
             return
         if not isinstance(input, torch.Tensor) or not input.requires_grad:
             return
-        started = time.perf_counter()
+        timed = not torch.compiler.is_compiling()  # a clock read is a graph break under torch.compile
+        started = time.perf_counter() if timed else 0.0
         try:
             self._loss.on_call(input, target, options, result)
         except Exception:  # noqa: BLE001 - never raise into the training loop
             log_failure("loss")
             self._loss.reset()
-        self._overhead += time.perf_counter() - started
+        if timed:
+            self._overhead += time.perf_counter() - started
 
     def _attach_model(self, model: torch.nn.Module) -> None:
         """Count tokens on ``model`` and let every model probe hook it."""
@@ -407,32 +442,39 @@ class Instrumentation:
         return values
 
     def _publish(self, values: StepValues, durations: list[float], started: float) -> None:
-        """A sampled step: one transfer of every device value, then a queue put."""
+        """A sampled step: the sampling decision, one transfer of every device value, then a queue put."""
         host_tokens, device_tokens = self._tokens.take()
+        host_gauges, device = self._host_gauges()
         extra = {_TOKENS_KEY: device_tokens} if device_tokens is not None else {}
         try:
+            if self._sampler.adaptive:
+                pressure = host_gauges.get(MEMORY_PRESSURE, (({}, None),))[0][1]
+                extra[_DECISION_KEY] = agreed_inputs(values, self._publisher.take_anomalies(), pressure, device)
             gauges, histograms, host = to_host(values, extra)
         except Exception:  # noqa: BLE001
             log_failure("publish")
             gauges, histograms, host = {}, [], {}
+        decision = SamplingInputs.from_vector(host[_DECISION_KEY]) if _DECISION_KEY in host else SamplingInputs()
+        self._sampler.update(self._step, decision)
         tokens = host_tokens + (int(host[_TOKENS_KEY][0]) if _TOKENS_KEY in host else 0)
+        gauges.update(host_gauges)
+        gauges[TELEMETRY_SAMPLING_INTERVAL] = (({}, float(self._sampler.interval)),)
         publication = Publication(step=self._step, sampled=True, steps=1, tokens=tokens, durations=durations,
                                   gauges=gauges, histograms=histograms)
-        self._host_gauges(publication)
         publication.overhead = self._overhead + time.perf_counter() - started
         self._publisher.submit(publication)
 
-    def _host_gauges(self, publication: Publication) -> None:
+    def _host_gauges(self) -> tuple[dict[str, GaugePoints], torch.device]:
+        """Learning rates and memory pressure, read on the host; and the device the parameters live on."""
         optimizer = self._optimizer() if self._optimizer is not None else None
         if optimizer is None:
-            return
-        publication.gauges[TRAIN_LEARNING_RATE] = tuple(
+            return {}, torch.device("cpu")
+        gauges: dict[str, GaugePoints] = {TRAIN_LEARNING_RATE: tuple(
             ({ATTR_PARAM_GROUP: str(index)}, float(group["lr"]))
-            for index, group in enumerate(optimizer.param_groups) if "lr" in group)
+            for index, group in enumerate(optimizer.param_groups) if "lr" in group)}
         params = trainable_params(optimizer)
-        if params:
-            device = params[0].device
-            pressure = memory_pressure(device)
-            if pressure is not None:
-                publication.gauges[MEMORY_PRESSURE] = (({ATTR_DEVICE: str(device)}, pressure),)
-        publication.gauges[TELEMETRY_SAMPLING_INTERVAL] = (({}, float(self._sampler.interval)),)
+        device = params[0].device if params else torch.device("cpu")
+        pressure = memory_pressure(device)
+        if pressure is not None:
+            gauges[MEMORY_PRESSURE] = (({ATTR_DEVICE: str(device)}, pressure),)
+        return gauges, device

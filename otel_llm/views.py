@@ -4,13 +4,23 @@ Each histogram gets its catalog bucket boundaries (explicit buckets only: the
 Prometheus endpoint cannot serve exponential histograms), each metric keeps only
 its catalog attribute keys (bounded cardinality), and disabled signals are
 dropped before aggregation.
+
+Past the SDK's cardinality limit (2000 attribute sets per metric and reader
+unless configured) further attribute sets are folded into one point labelled
+``otel.metric.overflow=true`` without a word in the log; the Views of metrics
+with attributes log that once per metric (:class:`OverflowLogged`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from opentelemetry.sdk.metrics.view import (
+    Aggregation,
+    DefaultAggregation,
     DropAggregation,
     ExplicitBucketHistogramAggregation,
     View,
@@ -19,13 +29,52 @@ from opentelemetry.sdk.metrics.view import (
 from otel_llm.catalog import CATALOG, MetricSpec
 from otel_llm.config import Config
 
-__all__ = ["build_views"]
+__all__ = ["OVERFLOW_ATTRIBUTE", "OverflowLogged", "build_views"]
+
+_logger = logging.getLogger(__name__)
+
+OVERFLOW_ATTRIBUTE = "otel.metric.overflow"
+"""The attribute the SDK puts on the point that collects the attribute sets past its cardinality limit."""
+
+
+class OverflowLogged(Aggregation):
+    """``inner``'s aggregation, plus one warning naming the metric when its attribute sets overflow.
+
+    The SDK asks the View's aggregation for a new aggregator for every new
+    attribute set, the overflow set included, so this sees the first overflow
+    of each reader; the warning is given once for all readers of the View.
+    Wrapping the default aggregation pins the SDK's per-instrument default on
+    every reader: a histogram without declared buckets gets the SDK's explicit
+    buckets even where an OTLP reader would prefer exponential ones.
+    """
+
+    def __init__(self, inner: Aggregation) -> None:
+        self._inner = inner
+        self._lock = threading.Lock()
+        self._warned = False
+
+    def _create_aggregation(self, instrument: Any, attributes: Any, reservoir_factory: Callable[..., Any],
+                            start_time_unix_nano: int) -> Any:
+        if attributes and attributes.get(OVERFLOW_ATTRIBUTE) is True:
+            self._warn_once(instrument.name)
+        return self._inner._create_aggregation(instrument, attributes, reservoir_factory, start_time_unix_nano)
+
+    def _warn_once(self, name: str) -> None:
+        with self._lock:
+            if self._warned:
+                return
+            self._warned = True
+        _logger.warning("otel_llm: %s has more distinct attribute sets than the SDK keeps per metric (2000 unless "
+                        "configured); the others are now folded into one series labelled %s=true. Record fewer "
+                        "distinct attribute values.", name, OVERFLOW_ATTRIBUTE)
 
 
 def _view(spec: MetricSpec, disabled: bool) -> View:
     if disabled:
         return View(instrument_name=spec.name, aggregation=DropAggregation())
     aggregation = ExplicitBucketHistogramAggregation(list(spec.buckets)) if spec.buckets is not None else None
+    if spec.attributes:  # without attributes a metric has one attribute set and cannot overflow
+        aggregation = OverflowLogged(aggregation or DefaultAggregation())
     return View(instrument_name=spec.name, attribute_keys=set(spec.attributes), aggregation=aggregation)
 
 

@@ -45,6 +45,7 @@ class Harness:
 
     def __init__(self, model=None, optimizer=None, **config: Any) -> None:
         config.setdefault("exporters", "none")
+        config.setdefault("sampling", "fixed")
         self.reader = InMemoryMetricReader()
         self.session = otel_llm.Instrumentation(model, optimizer, config=otel_llm.Config(**config),
                                                 extra_readers=[self.reader])

@@ -69,6 +69,15 @@ def train(model: GPT, optimizer: torch.optim.Optimizer, steps: int) -> None:
     ("prometheus_port", -1),
     ("sampling", "sometimes"),
     ("grad_sparsity_threshold", -1e-3),
+    ("sampling_warmup", -1),
+    ("sampling_min_interval", 0),
+    ("sampling_loss_window", 1),
+    ("sampling_spike_sigma", 0),
+    ("sampling_plateau_tolerance", -0.1),
+    ("sampling_memory_limit", 1.5),
+    ("anomaly_detection", "maybe"),
+    ("anomaly_alphabet", 1),
+    ("anomaly_threshold", -2),
 ])
 def test_explicit_bad_values_raise_naming_the_field(field, value):
     with pytest.raises(ValueError, match=re.escape(field)):
@@ -86,6 +95,31 @@ def test_explicit_non_integer_equal_to_the_default_is_rejected_too(field, value)
         otel_llm.Config(**{field: 5.0})
     with pytest.raises(ValueError, match=re.escape(field)):
         otel_llm.Config(**{field: value})
+
+
+@pytest.mark.parametrize(("values", "named"), [
+    (dict(sampling_min_interval=50, sampling_max_interval=20), "sampling_max_interval"),
+    (dict(anomaly_window=80, anomaly_baseline=64), "anomaly_baseline"),
+    (dict(anomaly_window=8, anomaly_segments=3), "anomaly_segments"),
+])
+def test_explicit_contradicting_values_raise_naming_both(values, named):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        otel_llm.Config(**values)
+
+
+def test_contradicting_environment_values_warn_and_fall_back(monkeypatch, caplog):
+    caplog.set_level(logging.WARNING, logger="otel_llm")
+    monkeypatch.setenv("OTEL_LLM_SAMPLING_MAX_INTERVAL", "5")
+    config = otel_llm.Config()
+    assert (config.sampling_min_interval, config.sampling_max_interval) == (10, 100)
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "OTEL_LLM_SAMPLING_MAX_INTERVAL" in warning and "sampling_max_interval=5" in warning
+
+
+def test_adaptive_sampling_and_anomaly_detection_are_the_defaults():
+    config = otel_llm.Config()
+    assert config.sampling == "adaptive" and config.anomaly_detection is True
+    assert otel_llm.Config(anomaly_detection="off").anomaly_detection is False
 
 
 def test_explicit_good_values_are_normalised():
@@ -347,7 +381,8 @@ BAD_SCHEMAS = [
     # `# TYPE llm_train_steps` family beside the built-in counter llm.train.steps
     ("prometheus-family-clash", "metrics:\n  - {name: llm_train_steps, instrument: gauge}\n",
      "#0 (llm_train_steps)", "clashes with 'llm.train.steps'"),
-    ("duplicate", "metrics:\n  - {name: llm.custom.a, instrument: gauge}\n  - {name: llm.custom.a, instrument: counter}\n",
+    ("duplicate",
+     "metrics:\n  - {name: llm.custom.a, instrument: gauge}\n  - {name: llm.custom.a, instrument: counter}\n",
      "#1 (llm.custom.a)", "clashes with 'llm.custom.a'"),
     ("duplicate-after-translation",
      "metrics:\n  - {name: llm.custom.lat, instrument: histogram, unit: s}\n"
@@ -430,6 +465,14 @@ def test_register_at_runtime_records_with_declared_buckets(harness):
     assert m.value("llm.train.steps") == 1
     with pytest.raises(ValueError, match="counter"):
         otel_llm.record("llm.custom.accepted", -1)
+
+
+def test_registered_metrics_keep_only_declared_attributes_and_always_have_help_text(harness):
+    h = harness()
+    spec = otel_llm.register("llm.custom.reward", "gauge", attributes=["llm.custom.policy"])
+    assert spec.description == "User metric llm.custom.reward."
+    otel_llm.record("llm.custom.reward", 0.5, {"llm.custom.policy": "a", "undeclared": "x"})
+    assert h.collect().value("llm.custom.reward", llm_custom_policy="a") == 0.5
 
 
 @pytest.mark.parametrize(("args", "kwargs", "rule"), [

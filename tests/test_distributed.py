@@ -100,6 +100,21 @@ def test_a_dead_rank_does_not_hang_the_others_in_a_telemetry_collective(tmp_path
     assert survivor["last_step_seconds"] < 25  # bounded by the group's own timeout (20 s), never forever
 
 
+def test_adaptive_sampling_takes_the_same_steps_on_every_rank(tmp_path):
+    finish(torchrun(2, str(WORKER), "adaptive", "--out", str(tmp_path), "--steps", "150", env=clean_env(),
+                    cwd=tmp_path))
+    first, second = results(tmp_path, 2)
+    assert first["losses"] != second["losses"]  # the ranks really see different losses
+    assert first["sampled"] == second["sampled"]
+    sampled = first["sampled"]
+    assert sampled[:10] == list(range(10))  # warm-up
+    # rank 1's spike (steps 60..89) tightened both ranks: the gap after the first sampled step in it is the minimum
+    inside = [s for s in sampled if 60 <= s < 90]
+    assert inside and inside[1] - inside[0] == 3, sampled
+    gaps_before = [b - a for a, b in zip(sampled, sampled[1:]) if 10 <= a < 60]
+    assert max(gaps_before) > 3, sampled  # the interval had grown before the spike
+
+
 def scrape_until(url: str, pattern: str, timeout: float = 30) -> str:
     deadline = time.monotonic() + timeout
     body = ""

@@ -77,6 +77,12 @@ def lora_groups(receiver: GrpcMetricsReceiver) -> None:
         assert 0 < last(receiver, "llm.lora.rank_activation_ratio", llm_layer=layer) <= 1
 
 
+def gradient_anomalies(receiver: GrpcMetricsReceiver) -> None:
+    assert last(receiver, "llm.anomaly.events", llm_signal="llm.grad.norm") >= 1
+    intervals = [p.value for p in receiver.points("llm.telemetry.sampling_interval")]
+    assert 10 in intervals and max(intervals) > 10
+
+
 @dataclass(frozen=True)
 class Example:
     script: str
@@ -92,6 +98,7 @@ EXAMPLES = [
     Example("hf_trainer_lora.py", steps=16, check=lora_groups),
     Example("lightning_train.py", steps=16),
     Example("generate_kv_cache.py", check=kv_cache_counts),
+    Example("anomaly_lr_blowup.py", ("--steps", "260", "--blow-up-at", "180"), steps=260, check=gradient_anomalies),
 ]
 
 

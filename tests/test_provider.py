@@ -16,7 +16,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +30,7 @@ import otel_llm
 from otel_llm.catalog import LOSS_TOKEN_BUCKETS, STEP_DURATION_BUCKETS
 from tests.models import GPT
 from tests.support.backends import free_port
+from tests.support.collectors import otlp_env
 from tests.support.receivers import GrpcMetricsReceiver, HttpMetricsReceiver
 from tests.support.scrape import fetch, sample, series
 
@@ -100,44 +100,6 @@ def non_loopback_ipv4() -> str | None:
             if address.family == socket.AF_INET and not address.address.startswith("127."):
                 return address.address
     return None
-
-
-class Blackhole:
-    """A loopback TCP server that accepts connections and never sends a byte."""
-
-    def __init__(self) -> None:
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(64)
-        self._sock.settimeout(0.1)
-        self.port = self._sock.getsockname()[1]
-        self.accepted: list[socket.socket] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except (socket.timeout, OSError):
-                continue
-            self.accepted.append(conn)  # held open, never read from or written to
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        for conn in self.accepted:
-            conn.close()
-        self._sock.close()
-
-
-def otlp_env(monkeypatch: pytest.MonkeyPatch, protocol: str, port: int) -> None:
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", protocol)
-    path = "/v1/metrics" if protocol == "http/protobuf" else ""
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", f"http://127.0.0.1:{port}{path}")
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_INSECURE", "true")
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "1")
 
 
 # -- the Prometheus endpoint --------------------------------------------------------
@@ -330,36 +292,7 @@ def test_a_second_session_on_the_same_port_exports_otlp_only_and_the_port_is_fre
     assert sample(fetch(url)[1], "llm_train_steps_total") == 1
 
 
-# -- a collector that never answers / is not there -----------------------------------
-
-
-@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
-def test_shutdown_is_bounded_when_the_collector_is_a_blackhole(sessions, monkeypatch, protocol):
-    hole = Blackhole()
-    try:
-        otlp_env(monkeypatch, protocol, hole.port)
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "30")  # the exporter alone would wait
-        model, optimizer = tiny()
-        session = start(sessions, model, optimizer, exporters="otlp", shutdown_timeout=1.0, export_interval_ms=100)
-        started = time.monotonic()
-        train(model, optimizer, 5)
-        time.sleep(0.3)  # let the periodic reader get stuck on the blackhole
-        train(model, optimizer, 3, seed=1)
-        assert session.step == 8
-        assert time.monotonic() - started < 20
-
-        started = time.monotonic()
-        flushed = session.flush()
-        assert time.monotonic() - started < 1.0 + 0.5
-        assert flushed is False
-
-        started = time.monotonic()
-        session.shutdown()
-        assert time.monotonic() - started < 1.0 + 0.5
-        assert session.closed
-        assert hole.accepted, "the exporter never even connected; the test proves nothing"
-    finally:
-        hole.close()
+# -- a collector that is not there ---------------------------------------------------
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])

@@ -105,6 +105,7 @@ class TrainProcess:
             **_clean_env(),
             "OTEL_METRICS_EXPORTER": "prometheus,otlp",
             "OTEL_EXPORTER_PROMETHEUS_PORT": str(self.prometheus_port),
+            "OTEL_LLM_SAMPLING": "fixed",
             "OTEL_LLM_SAMPLING_INTERVAL": str(SAMPLING_INTERVAL),
             "OTEL_METRIC_EXPORT_INTERVAL": "500",
             "HF_HUB_OFFLINE": "1",

@@ -32,6 +32,8 @@ _logger = logging.getLogger(__name__)
 ACTIVATION_SIGNALS = (ACTIVATION_SPARSITY, ACTIVATION_OUTLIER_RATIO)
 MLP_OUTPUT_PATHS = ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "fc2")
 """MLP output projections, relative to a decoder layer, tried in this order."""
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""Activation dtypes whose sparsity floor is known before the first forward; others get theirs on first sight."""
 
 
 def mlp_output(layer: torch.nn.Module, path: str | None = None) -> torch.nn.Module | None:
@@ -78,7 +80,9 @@ class ActivationProbe(ModelProbe):
         self._handles: list[RemovableHandle] = []
         self._mask = TokenMask()
         self._stats: dict[int, _LayerStats] = {}
-        self._floors: dict[torch.dtype, float] = {}
+        # The threshold as compared in each dtype, found here: reading it back from a tensor inside a hook
+        # would split a torch.compile graph in two.
+        self._floors = {dtype: floor_in_dtype(config.activation_sparsity_threshold, dtype) for dtype in _FLOAT_DTYPES}
 
     def attach(self, model: torch.nn.Module) -> None:
         cfg = self.config
@@ -88,14 +92,14 @@ class ActivationProbe(ModelProbe):
         missing: list[int] = []
         for position, layer in index.layers():
             if not cfg.is_disabled(ACTIVATION_OUTLIER_RATIO):
-                self._handles.append(layer.register_forward_hook(self._on_layer_output(position)))
+                self._handles.append(layer.register_forward_hook(self.guarded(self._on_layer_output(position))))
             if cfg.is_disabled(ACTIVATION_SPARSITY):
                 continue
             projection = mlp_output(layer, cfg.mlp_output_path)
             if projection is None:
                 missing.append(position)
                 continue
-            self._handles.append(projection.register_forward_pre_hook(self._on_mlp_input(position),
+            self._handles.append(projection.register_forward_pre_hook(self.guarded(self._on_mlp_input(position)),
                                                                       with_kwargs=True))
         if missing:
             tried = cfg.mlp_output_path or ", ".join(MLP_OUTPUT_PATHS)

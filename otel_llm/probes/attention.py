@@ -33,6 +33,7 @@ from otel_llm.probes import attention_calls
 from otel_llm.probes.attention_calls import AttentionCall, ScoresCall
 from otel_llm.probes.attention_stats import LayerStatistics
 from otel_llm.probes.base import ModelProbe, StepValues
+from otel_llm.probes.forward import in_backward
 from otel_llm.probes.layers import LayerIndex
 
 __all__ = ["ATTENTION_SIGNALS", "AttentionProbe"]
@@ -41,10 +42,6 @@ _logger = logging.getLogger(__name__)
 
 ATTENTION_SIGNALS = (ATTENTION_HEAD_ENTROPY, ATTENTION_HEAD_DIVERGENCE_MAX, ATTENTION_LOGIT_MAX,
                      ATTENTION_SINK_RATIO)
-
-
-def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
 
 
 class AttentionProbe(ModelProbe):
@@ -62,30 +59,30 @@ class AttentionProbe(ModelProbe):
         self._by_order = False
         self._handles: list[Any] = []
         self._eager: list[dict[str, Any]] = []
-        self._listening = False
+        self._listener: attention_calls.Listener | None = None
 
     def attach(self, model: torch.nn.Module) -> None:
         index = LayerIndex(model, self.config.layers_path)
         if len(index):
             for position, layer in index.layers():
-                self._handles.append(layer.register_forward_pre_hook(self._enter(position)))
-                self._handles.append(layer.register_forward_hook(self._leave, always_call=True))
+                self._handles.append(layer.register_forward_pre_hook(self.guarded(self._enter(position))))
+                self._handles.append(layer.register_forward_hook(self.guarded(self._leave), always_call=True))
         else:
             self._by_order = True
             self._handles.append(model.register_forward_pre_hook(self._new_forward))
         self._eager = attention_calls.eager_globals(model)
         attention_calls.patch_eager(self._eager)
-        attention_calls.add_listener(self._on_call)
-        self._listening = True
+        self._listener = self.guarded(self._on_call)
+        attention_calls.add_listener(self._listener)
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if self._listening:
-            attention_calls.remove_listener(self._on_call)
+        if self._listener is not None:
+            attention_calls.remove_listener(self._listener)
             attention_calls.unpatch_eager(self._eager)
-            self._listening = False
+            self._listener = None
         self._eager = []
         self.reset()
 
@@ -105,7 +102,7 @@ class AttentionProbe(ModelProbe):
         self._calls_in_forward = 0
 
     def _on_call(self, bind: Callable[[], AttentionCall | ScoresCall]) -> None:
-        if not self.sampled or _in_backward():
+        if not self.sampled or in_backward():
             return
         if self._by_order:
             if not torch.is_grad_enabled():

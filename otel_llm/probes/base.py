@@ -6,10 +6,11 @@ sampled step into one host transfer.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -88,3 +89,25 @@ class ModelProbe:
 
     def reset(self) -> None:
         """Drop the current step's partial state (after a failure)."""
+
+    def guarded(self, hook: Callable[..., object]) -> Callable[..., None]:
+        """``hook`` made safe to run inside the model's forward pass.
+
+        Module hooks and attention listeners run in the training loop's own call
+        stack, so anything they raise would stop training. A failure is logged
+        once, the step's partial values are dropped and the probe sits out the
+        rest of the step (a half-measured step is never published); the next
+        :meth:`begin_step` brings it back. The wrapper returns None, so a hook
+        can never replace a module's inputs or output.
+        """
+
+        @functools.wraps(hook)
+        def safe(*args: Any) -> None:
+            try:
+                hook(*args)
+            except Exception:  # noqa: BLE001 - never raise into the forward pass
+                log_failure(self.name)
+                self.reset()
+                self.sampled = False
+
+        return safe

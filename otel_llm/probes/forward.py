@@ -19,21 +19,30 @@ from torch.utils.hooks import RemovableHandle
 from otel_llm.environment_variables import OTEL_LLM_LAYERS_PATH
 from otel_llm.probes.layers import LayerIndex, find_layer_stack
 
-__all__ = ["TokenMask", "first_tensor", "in_step_forward", "layer_index"]
+__all__ = ["TokenMask", "first_tensor", "in_backward", "in_step_forward", "layer_index"]
 
 _logger = logging.getLogger(__name__)
 _indexes: weakref.WeakKeyDictionary[torch.nn.Module, tuple[str | None, LayerIndex | None]] = \
     weakref.WeakKeyDictionary()
 
 
+def in_backward() -> bool:
+    """True while autograd runs a backward pass: a forward now is activation checkpointing's replay.
+
+    Under torch.compile hooks are traced into the forward graph (the graph-task
+    query would break it in two), and a compiled graph replays checkpointed
+    regions without calling Python hooks, so a traced hook is never in backward.
+    """
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 def in_step_forward(module: torch.nn.Module) -> bool:
     """True for a training forward of the step; False for eval passes and checkpoint replays in backward.
 
     Training mode covers reentrant checkpointing's no-grad first pass; the replay
-    runs inside the autograd engine (a current graph task), where the step's
-    forward already counted it.
+    runs inside the autograd engine, where the step's forward already counted it.
     """
-    return (module.training or torch.is_grad_enabled()) and torch._C._current_graph_task_id() == -1
+    return (module.training or torch.is_grad_enabled()) and not in_backward()
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:

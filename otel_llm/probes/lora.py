@@ -110,9 +110,10 @@ class LoraProbe(ModelProbe):
         self._factors = list(_factors(model, index.layer_of))
         for slot, factor in enumerate(self._factors):
             if factor.parameter is None:
-                self._handles.append(factor.module.register_forward_hook(self._on_output(slot)))
+                self._handles.append(factor.module.register_forward_hook(self.guarded(self._on_output(slot))))
             else:
-                self._handles.append(factor.module.register_forward_pre_hook(self._on_input(slot), with_kwargs=True))
+                self._handles.append(factor.module.register_forward_pre_hook(self.guarded(self._on_input(slot)),
+                                                                             with_kwargs=True))
         if self._handles:
             self._mask.attach(model)
 

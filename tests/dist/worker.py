@@ -176,15 +176,40 @@ def run_dies(args: argparse.Namespace, rank: int, world: int) -> dict:
     os._exit(0)  # the group lost a member: tearing it down would wait on the dead rank
 
 
+def run_adaptive(args: argparse.Namespace, rank: int, world: int) -> dict:
+    """Adaptive sampling with per-rank losses: separate models, rank-specific data and a spike on rank 1 only."""
+    torch.manual_seed(rank)
+    model = GPT(vocab=VOCAB)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    config = otel_llm.Config(exporters="none", sampling="adaptive", sampling_warmup=10, sampling_min_interval=3,
+                             sampling_max_interval=24, sampling_growth_steps=15, sampling_loss_window=8)
+    session = otel_llm.Instrumentation(model, optimizer, config=config)
+    sampled, losses = [], []
+    for step in range(args.steps):
+        if session.sampled:
+            sampled.append(step)
+        idx = batch(step, rank)
+        _, loss = model(idx, idx)
+        if rank == 1 and 60 <= step < 90:
+            loss = loss * 30  # only rank 1's loss spikes
+            session.record_loss(loss)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    session.shutdown()
+    return {"sampled": sampled, "losses": losses}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("ddp", "fsdp", "export", "dies"))
+    parser.add_argument("mode", choices=("ddp", "fsdp", "export", "dies", "adaptive"))
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
     dist.init_process_group("gloo", timeout=timedelta(seconds=20))
     rank, world = dist.get_rank(), dist.get_world_size()
-    result = {"ddp": run_ddp, "fsdp": run_fsdp, "export": run_export, "dies": run_dies}[args.mode](args, rank, world)
+    result = {"ddp": run_ddp, "fsdp": run_fsdp, "export": run_export, "dies": run_dies, "adaptive": run_adaptive}[args.mode](args, rank, world)
     result.update(rank=rank, world=world, local_rank=int(os.environ["LOCAL_RANK"]))
     (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
