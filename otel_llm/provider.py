@@ -141,12 +141,17 @@ def _otlp_exporter() -> MetricExporter:
         raise
 
 
+_COMMAND_LINE_KEYS = ("process.command", "process.command_args", "process.command_line")
+"""Never exported: training jobs pass tokens on their command line (older SDKs' process detector sends it)."""
+
+
 def build_resource(config: Config, ranks: RankInfo) -> Resource:
-    """service.name (OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win), llm.rank, llm.world_size."""
+    """service.name (OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win), llm.rank, llm.world_size; no command line."""
     resource = Resource.create({"llm.rank": ranks.rank, "llm.world_size": ranks.world_size})
     if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
         resource = resource.merge(Resource({"service.name": config.service_name}))
-    return resource
+    kept = {key: value for key, value in resource.attributes.items() if key not in _COMMAND_LINE_KEYS}
+    return Resource(kept, resource.schema_url)
 
 
 @dataclass

@@ -360,31 +360,6 @@ def test_forked_child_exports_nothing(forked_setup):
     _assert_only_parent_exported(receiver, session, model, optimizer, parent_id, steps_before=4)
 
 
-class _MarkerDataset(torch.utils.data.Dataset):
-    """Records a KV-cache marker from inside each DataLoader worker and stays alive a while."""
-
-    def __init__(self, parent_pid: int) -> None:
-        self.parent_pid = parent_pid
-
-    def __len__(self) -> int:
-        return 4
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        current = otel_llm.session.active()
-        if os.getpid() != self.parent_pid and current is not None:
-            current.record_kv_cache(3, 1)
-        time.sleep(0.5)
-        return torch.tensor(index)
-
-
-def test_dataloader_fork_workers_export_nothing(forked_setup):
-    receiver, session, model, optimizer, parent_id = forked_setup
-    loader = torch.utils.data.DataLoader(_MarkerDataset(os.getpid()), batch_size=1, num_workers=2,
-                                         multiprocessing_context="fork")
-    assert sorted(int(batch) for batch in loader) == [0, 1, 2, 3]
-    _assert_only_parent_exported(receiver, session, model, optimizer, parent_id, steps_before=2)
-
-
 # -- OTLP/HTTP through the explicit API ----------------------------------------------
 
 

@@ -58,24 +58,6 @@ SECRET = f"otel-llm-secret-{uuid.uuid4().hex}"
 # -- training ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No OTEL_* / torchrun variable of the outer environment leaks into a test."""
-    for name in list(os.environ):
-        if name.startswith("OTEL_") or name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """torch's intra-op threads spin while waiting for each other; on a busy two-core machine that makes a
-    step of the tiny model take seconds instead of milliseconds. One thread keeps training moving."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def new_model() -> tuple[GPT, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = GPT(vocab=VOCAB)

@@ -14,7 +14,7 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import psutil
@@ -43,15 +43,6 @@ GLOBAL_HOOKS = [(module_globals, name) for name in ("_global_forward_hooks", "_g
                                                     "_global_backward_hooks", "_global_backward_pre_hooks")]
 GLOBAL_HOOKS += [(optimizer_globals, "_global_optimizer_pre_hooks"),
                  (optimizer_globals, "_global_optimizer_post_hooks")]
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine they stall every op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def hooks(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Counter[str]:

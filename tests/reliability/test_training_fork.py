@@ -14,7 +14,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 
 import psutil
 import pytest
@@ -36,23 +35,6 @@ EXPORT_INTERVAL_MS = 100
 ITEMS_PER_EPOCH = 8
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(DURATION + 60)]
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No OTEL_* or torchrun variable of the outer environment leaks in."""
-    for name in list(os.environ):
-        if name.startswith("OTEL_") or name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine they stall every op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class WorkerDataset(torch.utils.data.Dataset):

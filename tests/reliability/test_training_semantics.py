@@ -30,15 +30,6 @@ TIMING = {"llm.train.step.duration", "llm.telemetry.overhead", "llm.memory.press
 """Signals of wall time and process memory: never equal across two runs."""
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine they stall every op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gpt_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (BATCH, LENGTH), generator=g), torch.randint(0, VOCAB, (BATCH, LENGTH), generator=g)

@@ -127,10 +127,6 @@ class GrpcCollector(GrpcMetricsReceiver):
     def url(self) -> str:
         return f"{'https' if self._credentials else 'http'}://{self.endpoint}"
 
-    @property
-    def running(self) -> bool:
-        return self._server is not None
-
     def start(self) -> None:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_Servicer(self), server)
@@ -163,14 +159,12 @@ class _HttpsServer(_HttpServer):
     def __init__(self, store: HttpsMetricsReceiver, context: ssl.SSLContext) -> None:
         super().__init__(store)
         self.context = context
-        self.handshake_failures = 0
 
     def finish_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
         request.settimeout(5)
         try:
             secured = self.context.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError):
-            self.handshake_failures += 1
+        except (ssl.SSLError, OSError):  # a client without the right certificates: nothing to serve
             return
         try:
             super().finish_request(secured, client_address)  # type: ignore[arg-type]
@@ -192,10 +186,6 @@ class HttpsMetricsReceiver(HttpMetricsReceiver):
     @property
     def endpoint(self) -> str:
         return f"https://127.0.0.1:{self.port}/v1/metrics"
-
-    @property
-    def handshake_failures(self) -> int:
-        return self._server.handshake_failures if isinstance(self._server, _HttpsServer) else 0
 
     def __enter__(self) -> HttpsMetricsReceiver:
         self._server = _HttpsServer(self, self.context)
