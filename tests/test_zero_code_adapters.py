@@ -13,13 +13,11 @@ import math
 import pathlib
 import time
 from collections.abc import Iterator
-from unittest import mock
 
 import pytest
 
-from tests import test_zero_code as zero_code
 from tests.support.backends import promtool_check_metrics, require_binary
-from tests.test_zero_code import Scrape, TrainProcess, scrape_until
+from tests.support.zero_code import Scrape, TrainProcess, scrape_until
 
 pytestmark = pytest.mark.slow
 
@@ -42,9 +40,8 @@ def kv_updates() -> list[tuple[int, int]]:
 
 
 def start(script: str, workdir: pathlib.Path) -> TrainProcess:
-    process = TrainProcess(script, workdir, {"OTEL_METRICS_EXPORTER": "prometheus"})
-    with mock.patch.dict(zero_code.SCRIPT_FILES, {script: SCRIPTS[script]}):
-        process.start()
+    process = TrainProcess(SCRIPTS[script], workdir, {"OTEL_METRICS_EXPORTER": "prometheus"})
+    process.start()
     return process
 
 
