@@ -11,11 +11,17 @@ recent side unquantised matters: with Gaussian breakpoints the top letter
 covers everything above ~1.2 sigma, so a 10 sigma spike and a 1.3 sigma wobble
 would otherwise read the same.
 
+The score is taken twice, on the values as they are and on their residuals
+from the baseline's least-squares line over training steps, and the smaller
+counts: a signal that keeps moving the way it moved (early training, a
+learning-rate schedule, a new sampling interval stretching a trend) is not an
+anomaly; a break in that movement, a spike, a shift or a new drift is.
+
 A series flags once when its score rises above ``threshold`` and re-arms when
 it falls below half of it, so a lasting level shift is one event, not one per
 step; a score ten times the one that opened the event (a blow-up on top of a
-drift) is a new event. Pure numpy, called from the exporter thread; memory is bounded by
-``max_series`` deques of ``baseline + window`` floats.
+drift) is a new event. Pure numpy, called from the exporter thread; memory is
+bounded by ``max_series`` pairs of deques of ``baseline + window`` numbers.
 """
 
 from __future__ import annotations
@@ -61,17 +67,27 @@ class SaxDetector:
         starts = np.arange(baseline - window + 1)[:, None]
         self._word_index = starts + np.arange(window)[None, :]
         self._history: deque[float] = deque(maxlen=baseline + window)
+        self._steps: deque[int] = deque(maxlen=baseline + window)
         self._open_score: float | None = None
 
     def score(self) -> float | None:
-        """The recent window's mean MINDIST to the baseline words; None until the history is full."""
+        """The smaller of the flat and the detrended score; None until the history is full."""
         if len(self._history) < self._history.maxlen:  # type: ignore[operator]
             return None
         history = np.fromiter(self._history, dtype=np.float64, count=len(self._history))
-        base = history[: self.baseline]
-        mean = base.mean()
-        spread = max(float(base.std()), 1e-9 * abs(mean), 1e-300)
-        z = (history - mean) / spread
+        steps = np.fromiter(self._steps, dtype=np.float64, count=len(self._steps))
+        base, base_steps = history[: self.baseline], steps[: self.baseline]
+        mean, centre = base.mean(), base_steps.mean()
+        offsets = base_steps - centre
+        slope = float((offsets * (base - mean)).sum() / max(float((offsets * offsets).sum()), 1e-300))
+        flat = self._mindist(history - mean)
+        trend = self._mindist(history - (mean + slope * (steps - centre)))
+        return min(flat, trend)
+
+    def _mindist(self, residuals: np.ndarray) -> float:
+        """Mean MINDIST(recent PAA, baseline word) of residuals z-normalised by the baseline's spread."""
+        spread = max(float(residuals[: self.baseline].std()), 1e-9 * float(np.abs(residuals).max()), 1e-300)
+        z = residuals / spread
         recent = z[self.baseline:].reshape(self.segments, -1).mean(axis=1)
         words = z[self._word_index].reshape(len(self._word_index), self.segments, -1).mean(axis=2)
         letters = np.searchsorted(self._cuts, words)
@@ -81,11 +97,15 @@ class SaxDetector:
         distances = math.sqrt(self.window / self.segments) * np.sqrt((gap * gap).sum(axis=1))
         return float(distances.mean())
 
-    def update(self, value: float) -> tuple[bool, float | None]:
-        """Add one sampled value; (flagged now, score). Non-finite values are not part of the history."""
+    def update(self, value: float, step: int | None = None) -> tuple[bool, float | None]:
+        """Add the value sampled at ``step`` (default: one after the last); (flagged now, score).
+
+        Non-finite values are not part of the history.
+        """
         if not math.isfinite(value):
             return False, None
         self._history.append(value)
+        self._steps.append(step if step is not None else (self._steps[-1] + 1 if self._steps else 0))
         score = self.score()
         if score is None:
             return False, None
@@ -133,7 +153,7 @@ class AnomalyMonitor:
                     if len(self._detectors) >= self._max_series:
                         continue
                     detector = self._detectors[key] = SaxDetector(*self._settings)
-                hit, score = detector.update(value)
+                hit, score = detector.update(value, step)
                 if hit and score is not None:
                     flagged.append(Anomaly(signal, dict(attributes), step, score))
         return flagged

@@ -23,12 +23,12 @@ def test_breakpoints_are_the_published_gaussian_ones(alphabet):
     assert np.round(gaussian_breakpoints(alphabet), 2).tolist() == PAPER_BREAKPOINTS[alphabet]
 
 
-def reference_score(history: list[float], baseline: int, window: int, segments: int, alphabet: int) -> float:
-    """Mean over baseline words of the PAA-to-word MINDIST, written out with loops."""
-    base = history[:baseline]
+def reference_mindist(residuals: list[float], baseline: int, window: int, segments: int, alphabet: int) -> float:
+    """Mean over baseline words of the PAA-to-word MINDIST of z-normalised residuals, written out with loops."""
+    base = residuals[:baseline]
     mean = sum(base) / baseline
     std = math.sqrt(sum((v - mean) ** 2 for v in base) / baseline)
-    z = [(v - mean) / std for v in history]
+    z = [v / std for v in residuals]
     width = window // segments
     cuts = [NormalDist().inv_cdf(i / alphabet) for i in range(1, alphabet)]
 
@@ -53,19 +53,49 @@ def reference_score(history: list[float], baseline: int, window: int, segments: 
     return total / len(starts)
 
 
-@pytest.mark.parametrize("shape", ["noise", "spike", "shift"])
+def reference_score(history: list[float], steps: list[int], baseline: int, window: int, segments: int,
+                    alphabet: int) -> float:
+    """The smaller of the score around the baseline mean and around the baseline's least-squares line."""
+    mean = sum(history[:baseline]) / baseline
+    centre = sum(steps[:baseline]) / baseline
+    slope = (sum((t - centre) * (v - mean) for t, v in zip(steps[:baseline], history[:baseline]))
+             / sum((t - centre) ** 2 for t in steps[:baseline]))
+    flat = [v - mean for v in history]
+    trend = [v - mean - slope * (t - centre) for t, v in zip(steps, history)]
+    return min(reference_mindist(flat, baseline, window, segments, alphabet),
+               reference_mindist(trend, baseline, window, segments, alphabet))
+
+
+@pytest.mark.parametrize("shape", ["noise", "spike", "shift", "trend", "trend-break"])
 def test_score_matches_the_reference(shape):
     rng = np.random.default_rng(7)
     history = rng.normal(3.0, 0.5, size=40)
+    steps = list(range(0, 64, 2)) + list(range(64, 64 + 8 * 5, 5))  # the interval grew from 2 to 5
     if shape == "spike":
         history[-3] += 6.0
     elif shape == "shift":
         history[-6:] -= 2.0
+    elif shape.startswith("trend"):
+        history += 0.05 * np.array(steps)
+        if shape == "trend-break":
+            history[-8:] -= 0.1 * (np.array(steps[-8:]) - steps[-9])
     detector = SaxDetector(baseline=32, window=8, segments=4, alphabet=6, threshold=1.0)
-    for value in history:
-        detector.update(float(value))
-    expected = reference_score(history.tolist(), 32, 8, 4, 6)
+    for step, value in zip(steps, history):
+        detector.update(float(value), step)
+    expected = reference_score(history.tolist(), steps, 32, 8, 4, 6)
     assert detector.score() == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_trend_that_continues_across_a_new_interval_is_not_an_anomaly_and_a_break_in_it_is():
+    rng = np.random.default_rng(11)
+    steps = list(range(100)) + list(range(100, 300, 10))  # every step, then every 10th
+    detector = SaxDetector()
+    flags = [step for step in steps if detector.update(10.0 - 0.05 * step + 0.1 * rng.normal(), step)[0]]
+    assert flags == []
+    broken = SaxDetector()
+    flags = [step for step in steps
+             if broken.update(10.0 - 0.05 * min(step, 150) + 0.1 * rng.normal(), step)[0]]  # falls, then stalls
+    assert flags and 150 <= flags[0] <= 200
 
 
 def test_no_score_until_the_history_is_full_and_non_finite_values_are_skipped():
