@@ -41,18 +41,18 @@ def _int_value(value: Any, name: str) -> int:
     raise ValueError(f"{name} must be an integer, got {value!r}")
 
 
-def _positive_int(value: Any, name: str) -> int:
-    number = _int_value(value, name)
-    if number < 1:
-        raise ValueError(f"{name} must be >= 1, got {number}")
-    return number
+def _at_least(minimum: int) -> Callable[[Any, str], int]:
+    def parse(value: Any, name: str) -> int:
+        number = _int_value(value, name)
+        if number < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {number}")
+        return number
+
+    return parse
 
 
-def _non_negative_int(value: Any, name: str) -> int:
-    number = _int_value(value, name)
-    if number < 0:
-        raise ValueError(f"{name} must be >= 0, got {number}")
-    return number
+_positive_int = _at_least(1)
+_non_negative_int = _at_least(0)
 
 
 def _port(value: Any, name: str) -> int:
@@ -90,16 +90,6 @@ def _non_negative_float(value: Any, name: str) -> float:
         if math.isfinite(number) and number >= 0:
             return number
     raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
-def _at_least(minimum: int) -> Callable[[Any, str], int]:
-    def parse(value: Any, name: str) -> int:
-        number = _int_value(value, name)
-        if number < minimum:
-            raise ValueError(f"{name} must be >= {minimum}, got {number}")
-        return number
-
-    return parse
 
 
 def _fraction(value: Any, name: str) -> float:

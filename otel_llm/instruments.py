@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import queue
 import threading
 import time
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
+from otel_llm import _fork
 from otel_llm.anomaly import AnomalyMonitor
 from otel_llm.catalog import (
     ANOMALY_EVENTS,
@@ -65,7 +65,6 @@ class Publisher:
     """Owns the catalog instruments of one provider and the exporter-side thread."""
 
     def __init__(self, meter: Meter, anomalies: AnomalyMonitor | None = None) -> None:
-        self._pid = os.getpid()
         self._snapshot = Snapshot()
         self._anomalies = anomalies
         self._flagged = 0
@@ -128,24 +127,15 @@ class Publisher:
         self._queue.put_nowait(None)
 
     # -- manual recording (caller's thread) -------------------------------------
-    def _in_forked_child(self) -> bool:
-        """True in a process forked after this publisher was made (a DataLoader worker).
-
-        Such a process never exports, and the fork copied every lock as it was:
-        one the parent's exporter thread held mid-collection stays held there
-        forever, so recording would hang the worker. It records nothing.
-        """
-        return os.getpid() != self._pid
-
     def record_kv_cache(self, reused: int, added: int) -> None:
-        if self._in_forked_child():
+        if _fork.forked:  # see otel_llm._fork: a worker's recording could wait on a copied lock
             return
         self._kv.update(reused, added)
         self._sync[KV_CACHE_HITS].add(reused)
         self._sync[KV_CACHE_LOOKUPS].add(reused + added)
 
     def count_nonfinite(self, signal: str) -> None:
-        if not self._in_forked_child():
+        if not _fork.forked:
             self._sync[TELEMETRY_NONFINITE].add(1, {ATTR_SIGNAL: signal})
 
     # -- exporter thread --------------------------------------------------------
@@ -205,14 +195,15 @@ class Publisher:
         gauges = self._finite_gauges(publication)
         self._snapshot = Snapshot(publication.step, gauges)
         if self._anomalies is not None:
-            self._flag_anomalies(publication.step, gauges)
+            self._flag_anomalies(self._anomalies, publication.step, gauges)
 
-    def _flag_anomalies(self, step: int, gauges: Mapping[str, Iterable[tuple[Mapping[str, str], float]]]) -> None:
-        flagged = self._anomalies.observe(step, gauges) if self._anomalies is not None else []
+    def _flag_anomalies(self, monitor: AnomalyMonitor, step: int,
+                        gauges: Mapping[str, Iterable[tuple[Mapping[str, str], float]]]) -> None:
+        flagged = monitor.observe(step, gauges)
         for anomaly in flagged:
             self._sync[ANOMALY_EVENTS].add(1, {ATTR_SIGNAL: anomaly.signal})
             _logger.warning("otel_llm: anomaly in %s%s at step %d (SAX distance %.3g > %.3g)", anomaly.signal,
-                            dict(anomaly.attributes) or "", anomaly.step, anomaly.score, self._anomalies.threshold)
+                            dict(anomaly.attributes) or "", anomaly.step, anomaly.score, monitor.threshold)
         if flagged:
             with self._flagged_lock:
                 self._flagged += len(flagged)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import threading
 import time
 import weakref
@@ -26,6 +25,8 @@ from torch.optim.optimizer import (
 )
 from torch.utils.hooks import RemovableHandle
 
+from otel_llm import _fork
+from otel_llm._termination import install_sigterm_handler
 from otel_llm.anomaly import AnomalyMonitor
 from otel_llm.catalog import (
     ANOMALY_EVENTS,
@@ -74,7 +75,6 @@ _TOKENS_KEY = "#tokens"
 _DECISION_KEY = "#sampling"
 
 _sessions: weakref.WeakSet[Instrumentation] = weakref.WeakSet()
-_forked = False
 
 
 def active() -> Instrumentation | None:
@@ -83,17 +83,11 @@ def active() -> Instrumentation | None:
     return max(live, key=lambda s: s._started) if live else None
 
 
-def _after_fork_in_child() -> None:
-    global _forked
-    _forked = True
-
-
 def _shutdown_all() -> None:
     for session in list(_sessions):
         session.shutdown()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(_shutdown_all)
 
 
@@ -179,9 +173,6 @@ class Instrumentation:
         else:
             self._tokens.discover()
         _sessions.add(self)
-        # SIGTERM: bounded telemetry shutdown before the default kill (see otel_llm/_termination.py).
-        from otel_llm._termination import install_sigterm_handler
-
         install_sigterm_handler(_shutdown_all, self.config.shutdown_timeout)
 
     # -- public surface ---------------------------------------------------------
@@ -256,7 +247,7 @@ class Instrumentation:
 
         Attribute keys the metric does not declare are dropped, as its View drops them.
         """
-        if _forked:  # a forked worker never exports; recording could wait on a lock copied mid-use
+        if _fork.forked:  # a forked worker never exports; recording could wait on a lock copied mid-use
             return
         entry = self._custom.get(name)
         if entry is None:
@@ -304,7 +295,7 @@ class Instrumentation:
             probe.detach()
         cross_entropy.remove_listener(self._on_cross_entropy)
         kv_cache.remove_listener(self._on_kv_cache)
-        if _forked:
+        if _fork.forked:
             return
         deadline = time.monotonic() + self.config.shutdown_timeout
         with self._lock:
@@ -321,7 +312,7 @@ class Instrumentation:
 
     # -- hooks ------------------------------------------------------------------
     def _on_cross_entropy(self, args: tuple[Any, ...], kwargs: dict[str, Any], result: torch.Tensor) -> None:
-        if not self._sampled or _forked:
+        if not self._sampled or _fork.forked:
             return
         try:
             input, target, options = cross_entropy.bind(*args, **kwargs)
@@ -355,7 +346,7 @@ class Instrumentation:
         self._optim.set_families(families)
 
     def _on_kv_cache(self, reused: int, added: int) -> None:
-        if not _forked:
+        if not _fork.forked:
             self._publisher.record_kv_cache(reused, added)
 
     def _set_sampled(self, sampled: bool) -> None:
@@ -387,7 +378,7 @@ class Instrumentation:
             self._pre_step(optimizer)
 
     def _pre_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if _forked or self.closed or not self._owns(optimizer):
+        if _fork.forked or self.closed or not self._owns(optimizer):
             return
         if not self._model_resolved:
             self._resolve_model(optimizer)
@@ -403,7 +394,7 @@ class Instrumentation:
         self._overhead += time.perf_counter() - started
 
     def _on_post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if _forked or self._optimizer is None or self._optimizer() is not optimizer:
+        if _fork.forked or self._optimizer is None or self._optimizer() is not optimizer:
             return
         now = time.perf_counter()
         with self._lock:
