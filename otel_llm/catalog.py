@@ -1,8 +1,8 @@
 """The metric catalog: every signal otel_llm exports, declared once.
 
-Instruments, Views, the README tables, the ``otel-llm catalog`` command and
-(later) alert rules and dashboards are all derived from :data:`CATALOG`, so a
-name, unit, attribute or bucket boundary changes in exactly one place.
+Instruments, Views, the README tables, the ``otel-llm catalog`` command, alert
+rules, dashboards and which probes run are all derived from :data:`CATALOG`, so
+a name, unit, attribute, bucket boundary or family changes in exactly one place.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ __all__ = [
     "MetricSpec",
     "Threshold",
     "by_name",
+    "family_signals",
     "prometheus_name",
 ]
 
@@ -59,6 +60,8 @@ class MetricSpec:
     buckets: tuple[float, ...] | None = None
     thresholds: tuple[Threshold, ...] = field(default=())
     signal_number: int | None = None
+    family: str = ""
+    """The probe (or pipeline stage) that produces it; empty for user-declared metrics."""
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -135,79 +138,79 @@ HEAD_ENTROPY_BUCKETS: Final = (0.25, 0.5, 0.75, 1.0, 1.2, 1.5, 2.0, 3.0, 4.0, 6.
 OVERHEAD_BUCKETS: Final = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0)
 
 
-def _gauge(name: str, description: str, *, unit: str = "1", attributes: tuple[str, ...] = (),
+def _gauge(name: str, description: str, *, family: str, unit: str = "1", attributes: tuple[str, ...] = (),
            number: int | None = None, thresholds: tuple[Threshold, ...] = ()) -> MetricSpec:
     return MetricSpec(name, "observable_gauge", unit, description, attributes,
-                      thresholds=thresholds, signal_number=number)
+                      thresholds=thresholds, signal_number=number, family=family)
 
 
 CATALOG: Final[tuple[MetricSpec, ...]] = (
-    _gauge(TRAIN_LOSS, "Mean training loss of the latest sampled step, as the loss function returned it."),
-    MetricSpec(TRAIN_STEPS, "counter", "{step}", "Optimizer steps taken."),
+    _gauge(TRAIN_LOSS, "Mean training loss of the latest sampled step, as the loss function returned it.", family="loss"),
+    MetricSpec(TRAIN_STEPS, "counter", "{step}", "Optimizer steps taken.", family="training"),
     MetricSpec(TRAIN_TOKENS, "counter", "{token}",
-               "Tokens processed (non-padding input tokens when an attention mask is known)."),
+               "Tokens processed (non-padding input tokens when an attention mask is known).", family="tokens"),
     MetricSpec(TRAIN_STEP_DURATION, "histogram", "s", "Wall time between consecutive optimizer steps.",
-               buckets=STEP_DURATION_BUCKETS),
-    _gauge(TRAIN_LEARNING_RATE, "Learning rate of each optimizer param group.", attributes=(ATTR_PARAM_GROUP,)),
-    _gauge(GRAD_NORM, "Global L2 norm of all gradients at optimizer pre-step (after AMP unscale)."),
+               buckets=STEP_DURATION_BUCKETS, family="training"),
+    _gauge(TRAIN_LEARNING_RATE, "Learning rate of each optimizer param group.", attributes=(ATTR_PARAM_GROUP,), family="optimizer"),
+    _gauge(GRAD_NORM, "Global L2 norm of all gradients at optimizer pre-step (after AMP unscale).", family="optimizer"),
     _gauge(GRAD_NORM_DECAY_RATE,
            "(|g_{t-1}| - |g_t|) / (|g_{t-1}| + 1e-8) between consecutive optimizer steps.", number=1,
            thresholds=(Threshold("warning", ">", 0.85, "gradient collapse"),
-                       Threshold("warning", "<", -0.1, "gradient rebound"))),
+                       Threshold("warning", "<", -0.1, "gradient rebound")), family="optimizer"),
     _gauge(GRAD_SPARSITY, "Fraction of gradient elements with abs <= threshold (default 1e-5).",
-           attributes=(ATTR_PARAM_GROUP,), number=2),
+           attributes=(ATTR_PARAM_GROUP,), number=2, family="optimizer"),
     _gauge(PARAM_UPDATE_RATIO, "|delta theta|_2 / |theta_before|_2 over trainable parameters.", number=3,
-           thresholds=(Threshold("warning", ">", 1e-2, "updates too large for the weights"),)),
+           thresholds=(Threshold("warning", ">", 1e-2, "updates too large for the weights"),), family="optimizer"),
     _gauge(PARAM_UPDATE_VARIANCE_RATIO,
            "Sum over sampled coordinates of the cross-rank variance of the update, over the mean squared "
            "update norm; 0 with one rank.", number=4,
            thresholds=(Threshold("warning", ">=", 1e-5, "ranks drifting apart"),
-                       Threshold("critical", ">=", 1e-3, "ranks out of sync"))),
+                       Threshold("critical", ">=", 1e-3, "ranks out of sync")), family="optimizer"),
     MetricSpec(LOSS_TOKEN, "histogram", "1",
                "Per-token cross-entropy (nats) of the sampled step, at most 512 tokens uniformly subsampled.",
-               buckets=LOSS_TOKEN_BUCKETS, signal_number=5),
+               buckets=LOSS_TOKEN_BUCKETS, signal_number=5, family="loss"),
     _gauge(LOSS_TOKEN_SKEWNESS, "Fisher-Pearson skewness m3 / m2^1.5 of the step's valid per-token losses.",
-           number=6),
+           number=6, family="loss"),
     _gauge(LOGITS_Z_LOSS, "Mean over valid tokens of (logsumexp of the logits)^2 (PaLM z-loss, no coefficient).",
-           number=7),
+           number=7, family="loss"),
     MetricSpec(ATTENTION_HEAD_ENTROPY, "histogram", "1",
                "Per-head Shannon entropy (nats) of attention, averaged over sampled queries.",
                attributes=(ATTR_LAYER,), buckets=HEAD_ENTROPY_BUCKETS, signal_number=8,
                thresholds=(Threshold("warning", ">", 1.8, "attention diffusing", statistic="p50 per layer",
-                                     for_duration="3m"),)),
+                                     for_duration="3m"),), family="attention"),
     _gauge(ATTENTION_HEAD_DIVERGENCE_MAX, "Max over heads of the variance of the head's cosine similarity "
-           "to the other heads' attention outputs.", attributes=(ATTR_LAYER,), number=9),
-    _gauge(ATTENTION_LOGIT_MAX, "Max pre-softmax attention logit q.k.scale.", attributes=(ATTR_LAYER,), number=10),
+           "to the other heads' attention outputs.", attributes=(ATTR_LAYER,), number=9, family="attention"),
+    _gauge(ATTENTION_LOGIT_MAX, "Max pre-softmax attention logit q.k.scale.", attributes=(ATTR_LAYER,), number=10, family="attention"),
     _gauge(ATTENTION_SINK_RATIO, "Mean attention probability on key position 0 for query positions > 0.",
-           attributes=(ATTR_LAYER,), number=11),
+           attributes=(ATTR_LAYER,), number=11, family="attention"),
     _gauge(ACTIVATION_SPARSITY, "Fraction of MLP intermediate activations with abs <= 1e-3.",
-           attributes=(ATTR_LAYER,), number=12),
+           attributes=(ATTR_LAYER,), number=12, family="activations"),
     _gauge(ACTIVATION_OUTLIER_RATIO, "Fraction of hidden dimensions whose max abs over the step's tokens is >= 6.0.",
-           attributes=(ATTR_LAYER,), number=13),
+           attributes=(ATTR_LAYER,), number=13, family="activations"),
     _gauge(LORA_RANK_ACTIVATION_RATIO, "Effective rank of lora_A activations over the LoRA rank.",
            attributes=(ATTR_LAYER,), number=14,
-           thresholds=(Threshold("warning", ">", 0.9, "LoRA rank saturated"),)),
+           thresholds=(Threshold("warning", ">", 0.9, "LoRA rank saturated"),), family="lora"),
     _gauge(ROPE_ANGLE_DEVIATION, "Max abs error of the rotary angles the module emitted vs exact float64 angles.",
-           unit="rad", number=15),
+           unit="rad", number=15, family="rope"),
     _gauge(KV_CACHE_HIT_RATIO, "Reused / (reused + newly computed) K/V entries over the last 64 cache updates.",
-           number=16, thresholds=(Threshold("warning", "<", 0.6, "KV cache reuse is low"),)),
-    MetricSpec(KV_CACHE_HITS, "counter", "{token}", "K/V token entries served from the cache."),
-    MetricSpec(KV_CACHE_LOOKUPS, "counter", "{token}", "K/V token entries attended (reused + newly computed)."),
+           number=16, thresholds=(Threshold("warning", "<", 0.6, "KV cache reuse is low"),), family="kv_cache"),
+    MetricSpec(KV_CACHE_HITS, "counter", "{token}", "K/V token entries served from the cache.", family="kv_cache"),
+    MetricSpec(KV_CACHE_LOOKUPS, "counter", "{token}", "K/V token entries attended (reused + newly computed).", family="kv_cache"),
     _gauge(MEMORY_PRESSURE, "CUDA: (total - free) / total; CPU: process RSS / physical memory.",
            attributes=(ATTR_DEVICE,), number=17,
            thresholds=(Threshold("warning", ">", 0.85, "memory pressure high"),
-                       Threshold("critical", ">", 0.95, "memory nearly exhausted"))),
-    MetricSpec(TELEMETRY_SAMPLED_STEPS, "counter", "{step}", "Steps on which the expensive signals were computed."),
-    _gauge(TELEMETRY_SAMPLING_INTERVAL, "Current sampling interval.", unit="{step}"),
+                       Threshold("critical", ">", 0.95, "memory nearly exhausted")), family="memory"),
+    MetricSpec(TELEMETRY_SAMPLED_STEPS, "counter", "{step}", "Steps on which the expensive signals were computed.", family="telemetry"),
+    _gauge(TELEMETRY_SAMPLING_INTERVAL, "Current sampling interval.", unit="{step}", family="telemetry"),
     MetricSpec(TELEMETRY_OVERHEAD, "histogram", "s", "Host time the probes added to a sampled step.",
-               buckets=OVERHEAD_BUCKETS),
+               buckets=OVERHEAD_BUCKETS, family="telemetry"),
     MetricSpec(TELEMETRY_NONFINITE, "counter", "{event}",
                "Sampled steps on which a signal came out NaN or Inf (one event per signal per step); those values "
                "are dropped.",
                attributes=(ATTR_SIGNAL,),
-               thresholds=(Threshold("warning", "increase", 0.0, "a signal went NaN/Inf"),)),
+               thresholds=(Threshold("warning", "increase", 0.0, "a signal went NaN/Inf"),), family="telemetry"),
     MetricSpec(ANOMALY_EVENTS, "counter", "{event}", "Anomalies flagged by the SAX detector.",
-               attributes=(ATTR_SIGNAL,)),
+               attributes=(ATTR_SIGNAL,), family="telemetry"),
 )
 
 _BY_NAME: Final = {spec.name: spec for spec in CATALOG}
@@ -216,3 +219,8 @@ _BY_NAME: Final = {spec.name: spec for spec in CATALOG}
 def by_name(name: str) -> MetricSpec:
     """The catalog entry for ``name``; KeyError when it is not a built-in signal."""
     return _BY_NAME[name]
+
+
+def family_signals(family: str) -> tuple[str, ...]:
+    """Names of the catalog signals of ``family`` (a probe's name), in catalog order."""
+    return tuple(spec.name for spec in CATALOG if spec.family == family)

@@ -4,6 +4,9 @@ Explicit arguments win, then environment variables, then defaults. Explicit
 values are validated in ``__post_init__`` and raise :class:`ValueError`; a bad
 environment value is logged once and replaced by the default, because a typo in
 a job spec must not stop a training run.
+
+Each option's name, default and help text live once, in its field here;
+:mod:`otel_llm.environment_variables` only names the variables.
 """
 
 from __future__ import annotations
@@ -14,18 +17,29 @@ import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
+
+from opentelemetry.environment_variables import OTEL_METRICS_EXPORTER
+from opentelemetry.sdk.environment_variables import (
+    OTEL_EXPORTER_PROMETHEUS_HOST,
+    OTEL_EXPORTER_PROMETHEUS_PORT,
+    OTEL_METRIC_EXPORT_INTERVAL,
+    OTEL_SERVICE_NAME,
+)
 
 from otel_llm import environment_variables as env
 from otel_llm.catalog import CATALOG
 
-__all__ = ["Config", "EXPORTERS"]
+__all__ = ["Config", "EXPORTERS", "Source"]
 
 _logger = logging.getLogger(__name__)
 _warned: set[tuple[str, str]] = set()
 
 EXPORTERS = ("prometheus", "otlp")
 """Readers ``OTEL_METRICS_EXPORTER`` can select (``none`` selects neither)."""
+
+Source = Literal["explicit", "environment", "default"]
+"""Where a :class:`Config` value came from: an argument, its environment variable, or the built-in default."""
 
 
 def _int_value(value: Any, name: str) -> int:
@@ -160,21 +174,28 @@ def _text(value: Any, name: str) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class _Filled:
+    """A value a field's default factory supplied, tagged with its source so no later check has to guess it."""
+
+    value: Any
+    source: Source
+
+
 def _option(env_var: str, parse: Callable[[Any, str], Any], default: Any, help: str) -> Any:
     """A dataclass field whose default comes from ``env_var`` when that is set and valid."""
 
-    def from_env() -> Any:
+    def from_env() -> _Filled:
         raw = os.environ.get(env_var)
         if raw is None or raw.strip() == "":
-            return default
+            return _Filled(default, "default")
         try:
-            return parse(raw, env_var)
+            return _Filled(parse(raw, env_var), "environment")
         except ValueError as exc:
-            if (env_var, raw) in _warned:
-                return default
-            _warned.add((env_var, raw))
-            _logger.warning("otel_llm: ignoring %s=%r (%s); using the default %r", env_var, raw, exc, default)
-            return default
+            if (env_var, raw) not in _warned:
+                _warned.add((env_var, raw))
+                _logger.warning("otel_llm: ignoring %s=%r (%s); using the default %r", env_var, raw, exc, default)
+            return _Filled(default, "default")
 
     return field(default_factory=from_env, metadata={"env": env_var, "parse": parse,
                                                      "default": default, "help": help})
@@ -182,7 +203,11 @@ def _option(env_var: str, parse: Callable[[Any, str], Any], default: Any, help: 
 
 @dataclass(frozen=True)
 class Config:
-    """All otel_llm options. Unset fields come from the environment variable named in each field."""
+    """All otel_llm options. Unset fields come from the environment variable named in each field.
+
+    :meth:`source` tells where each value came from. ``dataclasses.replace``
+    passes every field, so all values of its result are explicit.
+    """
 
     sampling: str = _option(
         env.OTEL_LLM_SAMPLING, _choice("adaptive", "fixed"), "adaptive",
@@ -271,30 +296,35 @@ class Config:
         env.OTEL_LLM_SHUTDOWN_TIMEOUT, _positive_float, 2.0,
         "Upper bound in seconds on `shutdown()` and flushes.")
     exporters: tuple[str, ...] = _option(
-        "OTEL_METRICS_EXPORTER", _exporters, EXPORTERS,
+        OTEL_METRICS_EXPORTER, _exporters, EXPORTERS,
         "Readers: `prometheus`, `otlp`, both (comma list) or `none`.")
     prometheus_host: str = _option(
-        "OTEL_EXPORTER_PROMETHEUS_HOST", _text, "127.0.0.1",
+        OTEL_EXPORTER_PROMETHEUS_HOST, _text, "127.0.0.1",
         "Address the Prometheus endpoint binds (loopback unless set).")
     prometheus_port: int = _option(
-        "OTEL_EXPORTER_PROMETHEUS_PORT", _port, 9464,
+        OTEL_EXPORTER_PROMETHEUS_PORT, _port, 9464,
         "Base port of the Prometheus endpoint; local rank k serves on base + k.")
     export_interval_ms: int = _option(
-        "OTEL_METRIC_EXPORT_INTERVAL", _positive_int, 60000,
+        OTEL_METRIC_EXPORT_INTERVAL, _positive_int, 60000,
         "Milliseconds between OTLP pushes.")
     service_name: str = _option(
-        "OTEL_SERVICE_NAME", _text, "otel-llm-training",
+        OTEL_SERVICE_NAME, _text, "otel-llm-training",
         "`service.name` resource attribute.")
     export_ranks: str = _option(
         env.OTEL_LLM_EXPORT_RANKS, _choice("all", "zero"), "all",
         "Which data-parallel ranks export: `all`, or `zero` (rank 0 only; the others still compute).")
 
     def __post_init__(self) -> None:
+        sources: dict[str, Source] = {}
         for spec in fields(self):
             value = getattr(self, spec.name)
-            if value is spec.metadata["default"]:
-                continue
-            object.__setattr__(self, spec.name, spec.metadata["parse"](value, spec.name))
+            if isinstance(value, _Filled):
+                value, sources[spec.name] = value.value, value.source
+            else:
+                value, sources[spec.name] = spec.metadata["parse"](value, spec.name), "explicit"
+            object.__setattr__(self, spec.name, value)
+        # not a field, so ==, hash and repr ignore it
+        object.__setattr__(self, "_sources", sources)
         self._require(("sampling_min_interval", "sampling_max_interval"),
                       self.sampling_max_interval >= self.sampling_min_interval, "the maximum must be >= the minimum")
         self._require(("anomaly_window", "anomaly_baseline"), self.anomaly_window <= self.anomaly_baseline,
@@ -303,32 +333,26 @@ class Config:
                       "the segments must divide the window")
 
     def _require(self, names: tuple[str, ...], holds: bool, rule: str) -> None:
-        """Cross-field rule: explicit values raise; values from the environment warn and fall back."""
+        """Cross-field rule: any explicit value raises; otherwise the environment's values warn and fall back."""
         if holds:
             return
         specs = [spec for spec in fields(self) if spec.name in names]
         described = ", ".join(f"{spec.name}={getattr(self, spec.name)!r}" for spec in specs)
-        from_env = [spec for spec in specs if _from_env(spec, getattr(self, spec.name))]
-        if not from_env:
+        if any(self._sources[spec.name] == "explicit" for spec in specs):
             raise ValueError(f"{described}: {rule}")
-        _logger.warning("otel_llm: ignoring %s (%s: %s); using the defaults",
-                        ", ".join(spec.metadata["env"] for spec in from_env), described, rule)
+        from_env = [spec.metadata["env"] for spec in specs if self._sources[spec.name] == "environment"]
+        _logger.warning("otel_llm: ignoring %s (%s: %s); using the defaults", ", ".join(from_env), described, rule)
         for spec in specs:
             object.__setattr__(self, spec.name, spec.metadata["default"])
+            self._sources[spec.name] = "default"
+
+    def source(self, name: str) -> Source:
+        """Where field ``name``'s value came from, e.g. to tell a job-spec setting from one in code."""
+        return self._sources[name]
 
     def is_disabled(self, name: str) -> bool:
         """True when ``name`` matches one of :attr:`disabled_signals`."""
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.disabled_signals)
-
-
-def _from_env(spec: Any, value: Any) -> bool:
-    raw = os.environ.get(spec.metadata["env"])
-    if raw is None or raw.strip() == "":
-        return False
-    try:
-        return spec.metadata["parse"](raw, spec.metadata["env"]) == value
-    except ValueError:
-        return False
 
 
 def options() -> list[tuple[str, str, Any, str]]:

@@ -1,9 +1,11 @@
-"""The instrumentation session: step clock, probes and publishing for one training run.
+"""The instrumentation session: one training run's probes, step clock and publishing.
 
-A step is the span between two optimizer steps. Whether step t is sampled is
-known before its forward pass; on a sampled step the probes keep device
-tensors, and the optimizer post-step hook publishes them with one transfer.
-Non-sampled steps cost a few Python attribute reads per hook.
+The session follows one optimizer: its pre-step hook lets the probes read the
+final gradients, its post-step hook ends the step. On a sampled step the
+probes' device values and the sampling decision go to the host in one
+transfer and on to the publisher's thread; other steps hand over only their
+counters. Everything a probe measures is the probe's business
+(:mod:`otel_llm.probes`); the session drives the clock and publishes.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -25,54 +27,34 @@ from torch.optim.optimizer import (
 )
 from torch.utils.hooks import RemovableHandle
 
-from otel_llm import _fork
-from otel_llm._termination import install_sigterm_handler
-from otel_llm.anomaly import AnomalyMonitor
 from otel_llm.catalog import (
     ANOMALY_EVENTS,
-    ATTR_DEVICE,
-    ATTR_PARAM_GROUP,
-    KV_CACHE_HIT_RATIO,
-    KV_CACHE_HITS,
-    KV_CACHE_LOOKUPS,
-    LOGITS_Z_LOSS,
-    LOSS_TOKEN,
-    LOSS_TOKEN_SKEWNESS,
     MEMORY_PRESSURE,
-    PARAM_UPDATE_RATIO,
-    PARAM_UPDATE_VARIANCE_RATIO,
     TELEMETRY_SAMPLING_INTERVAL,
     TRAIN_LEARNING_RATE,
-    TRAIN_LOSS,
+    TRAIN_STEPS,
     MetricSpec,
     prometheus_name,
 )
 from otel_llm.config import Config
-from otel_llm.instruments import Publisher, create_instrument
-from otel_llm.probes import cross_entropy, kv_cache
-from otel_llm.probes.base import ModelProbe, StepValues, log_failure
+from otel_llm.export.provider import ProviderBundle, build_provider
+from otel_llm.pipeline.anomaly import AnomalyMonitor
+from otel_llm.pipeline.clock import StepClock
+from otel_llm.pipeline.publisher import Publisher, Recorder, create_recorder
+from otel_llm.pipeline.sampler import SamplingInputs, make_sampler
+from otel_llm.pipeline.transfer import CounterPoint, HostStep, Publication, to_host
+from otel_llm.probes.base import StepValues, log_failure
 from otel_llm.probes.loss import LossProbe
-from otel_llm.probes.memory import memory_pressure
-from otel_llm.probes.optimizer import OptimizerProbe, trainable_params
-from otel_llm.probes.registry import build_model_probes
-from otel_llm.probes.tokens import TokenCounter
-from otel_llm.probes.update_sample import CoordinateSample
-from otel_llm.provider import ProviderBundle, build_provider
-from otel_llm.sampler import SamplingInputs, make_sampler
-from otel_llm.sampling_agreement import agreed_inputs
+from otel_llm.probes.optimizer import parameter_device, trainable_params
+from otel_llm.probes.registry import build_probes
+from otel_llm.runtime import fork
+from otel_llm.runtime.termination import install_sigterm_handler
 from otel_llm.schema import builtin_names, load_schema, validate_spec
-from otel_llm.snapshot import GaugePoints, Publication, to_host
 from otel_llm.version import __version__
 
 __all__ = ["Instrumentation", "active", "check_types"]
 
 _logger = logging.getLogger(__name__)
-
-_LOSS_FAMILY = (TRAIN_LOSS, LOSS_TOKEN, LOSS_TOKEN_SKEWNESS, LOGITS_Z_LOSS)
-_UPDATE_FAMILY = (PARAM_UPDATE_RATIO, PARAM_UPDATE_VARIANCE_RATIO)
-_KV_CACHE_FAMILY = (KV_CACHE_HIT_RATIO, KV_CACHE_HITS, KV_CACHE_LOOKUPS)
-_TOKENS_KEY = "#tokens"
-_DECISION_KEY = "#sampling"
 
 _sessions: weakref.WeakSet[Instrumentation] = weakref.WeakSet()
 
@@ -131,35 +113,20 @@ class Instrumentation:
         meter = self._bundle.provider.get_meter("otel_llm", __version__)
         self._meter = meter
         self._publisher = Publisher(meter, _anomaly_monitor(self.config))
-        self._custom: dict[str, tuple[MetricSpec, Any]] = {}
+        self._custom: dict[str, tuple[MetricSpec, Recorder]] = {}
         for spec in schema:
-            self._custom[spec.name] = (spec, create_instrument(meter, spec))
+            self._custom[spec.name] = (spec, create_recorder(meter, spec))
 
-        cfg = self.config
-        self._sampler = make_sampler(cfg)
-        self._want_loss = not all(cfg.is_disabled(n) for n in _LOSS_FAMILY)
-        self._loss = LossProbe(cfg.token_loss_samples, seed=cfg.update_sample_seed)
-        sample = CoordinateSample(cfg.update_sample_size, cfg.update_sample_seed)
-        self._optim = OptimizerProbe(cfg.grad_sparsity_threshold, sample,
-                                     updates=not all(cfg.is_disabled(n) for n in _UPDATE_FAMILY))
-        self._tokens = TokenCounter()
-        self._model_probes: list[ModelProbe] = build_model_probes(cfg)
+        self._clock = StepClock(make_sampler(self.config))
+        self._probes = build_probes(self.config, record_kv_cache=self._publisher.record_kv_cache)
         self._handles: list[RemovableHandle] = []
         self._optimizer: weakref.ref[torch.optim.Optimizer] | None = None
         self._gradients_read_externally = False
-        self._step = 0
-        self._sampled = False
-        self._set_sampled(self._sampler.is_sampled(0))
-        self._last_step_end: float | None = None
         self._overhead = 0.0
         self._lock = threading.Lock()
         self._started = time.monotonic()
         self.closed = False
 
-        if self._want_loss:
-            cross_entropy.add_listener(self._on_cross_entropy)
-        if not all(cfg.is_disabled(n) for n in _KV_CACHE_FAMILY):
-            kv_cache.add_listener(self._on_kv_cache)
         if optimizer is not None:
             self._adopt(optimizer)
             self._handles.append(optimizer.register_step_pre_hook(self._on_pre_step))
@@ -167,11 +134,11 @@ class Instrumentation:
         else:
             self._handles.append(register_optimizer_step_pre_hook(self._on_pre_step))
             self._handles.append(register_optimizer_step_post_hook(self._on_post_step))
-        self._model_resolved = False
+        self._model: weakref.ref[torch.nn.Module] | None = None
+        self._model_resolved = model is not None
         if model is not None:
-            self._attach_model(model)
-        else:
-            self._tokens.discover()
+            self._model = weakref.ref(model)
+        self._probes.start(model, self._clock.sampled)
         _sessions.add(self)
         install_sigterm_handler(_shutdown_all, self.config.shutdown_timeout)
 
@@ -179,17 +146,17 @@ class Instrumentation:
     @property
     def step(self) -> int:
         """Optimizer steps seen so far."""
-        return self._step
+        return self._clock.step
 
     @property
     def sampled(self) -> bool:
         """Whether the current step computes the expensive signals (known before its forward pass)."""
-        return self._sampled
+        return self._clock.sampled
 
     @property
     def sampling_interval(self) -> int:
         """Steps between sampled steps as the sampling policy sets it now (1 during adaptive warm-up)."""
-        return self._sampler.interval
+        return self._clock.sampler.interval
 
     @property
     def meter_provider(self) -> MeterProvider:
@@ -202,7 +169,7 @@ class Instrumentation:
 
     def attach(self, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Point an existing session at a model/optimizer (e.g. an explicit call under zero-code)."""
-        if model is not None and self._tokens.model is None:
+        if model is not None and self._model is None:
             self._attach_model(model)
         if optimizer is not None:
             if self._optimizer is None:
@@ -212,8 +179,9 @@ class Instrumentation:
 
     def record_loss(self, loss: float | torch.Tensor) -> None:
         """Report the step's training loss from a custom loop (overrides the intercepted loss)."""
-        if self._sampled and not self.closed:
-            self._loss.record_manual_loss(loss)
+        probe = self._probes.get(LossProbe)
+        if self._clock.sampled and not self.closed and probe is not None:
+            probe.record_manual_loss(loss)
 
     def record_kv_cache(self, reused: int, added: int) -> None:
         """Report one KV-cache update: ``reused`` entries served from cache, ``added`` newly computed."""
@@ -239,7 +207,7 @@ class Instrumentation:
         taken = builtin_names()
         taken.update({n: prometheus_name(s.name, s.unit, s.instrument) for n, (s, _) in self._custom.items()})
         spec = validate_spec(raw, source="register()", entry=repr(name), taken=taken)
-        self._custom[spec.name] = (spec, create_instrument(self._meter, spec))
+        self._custom[spec.name] = (spec, create_recorder(self._meter, spec))
         return spec
 
     def record(self, name: str, value: float, attributes: Mapping[str, str] | None = None) -> None:
@@ -247,29 +215,17 @@ class Instrumentation:
 
         Attribute keys the metric does not declare are dropped, as its View drops them.
         """
-        if _fork.forked:  # a forked worker never exports; recording could wait on a lock copied mid-use
+        if fork.forked:  # a forked worker never exports; recording could wait on a lock copied mid-use
             return
         entry = self._custom.get(name)
         if entry is None:
             raise ValueError(f"unknown custom metric {name!r}: declare it in OTEL_LLM_SCHEMA or register() it")
-        spec, instrument = entry
+        spec, recorder = entry
         value = float(value)
         if value != value or value in (float("inf"), float("-inf")):
             self._publisher.count_nonfinite(name)
             return
-        attrs = {key: value for key, value in (attributes or {}).items() if key in spec.attributes}
-        if spec.instrument == "counter":
-            if value < 0:
-                raise ValueError(f"{name} is a counter; it cannot decrease by {value}")
-            instrument.add(value, attrs)
-        elif spec.instrument == "up_down_counter":
-            instrument.add(value, attrs)
-        elif spec.instrument == "histogram":
-            if value < 0:
-                raise ValueError(f"{name} is a histogram; negative values are not representable")
-            instrument.record(value, attrs)
-        else:
-            instrument.set(value, attrs)
+        recorder(value, {key: value for key, value in (attributes or {}).items() if key in spec.attributes})
 
     def flush(self, timeout: float | None = None) -> bool:
         """Publish pending token counts and push OTLP now; bounded by ``timeout`` (default: config)."""
@@ -290,12 +246,8 @@ class Instrumentation:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._tokens.detach()
-        for probe in self._model_probes:
-            probe.detach()
-        cross_entropy.remove_listener(self._on_cross_entropy)
-        kv_cache.remove_listener(self._on_kv_cache)
-        if _fork.forked:
+        self._probes.detach()
+        if fork.forked:
             return
         deadline = time.monotonic() + self.config.shutdown_timeout
         with self._lock:
@@ -310,57 +262,19 @@ class Instrumentation:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
-    # -- hooks ------------------------------------------------------------------
-    def _on_cross_entropy(self, args: tuple[Any, ...], kwargs: dict[str, Any], result: torch.Tensor) -> None:
-        if not self._sampled or _fork.forked:
-            return
-        try:
-            input, target, options = cross_entropy.bind(*args, **kwargs)
-        except TypeError:  # a call shape the original accepted but we cannot read: not ours to judge
-            return
-        if not isinstance(input, torch.Tensor) or not input.requires_grad:
-            return
-        timed = not torch.compiler.is_compiling()  # a clock read is a graph break under torch.compile
-        started = time.perf_counter() if timed else 0.0
-        try:
-            self._loss.on_call(input, target, options, result)
-        except Exception:  # noqa: BLE001 - never raise into the training loop
-            log_failure("loss")
-            self._loss.reset()
-        if timed:
-            self._overhead += time.perf_counter() - started
-
+    # -- model and optimizer ------------------------------------------------------
     def _attach_model(self, model: torch.nn.Module) -> None:
-        """Count tokens on ``model`` and let every model probe hook it."""
         self._model_resolved = True
-        self._tokens.attach(model)
-        families: dict[str, list[torch.Tensor]] = {}
-        for probe in self._model_probes:
-            try:
-                probe.attach(model)
-                probe.begin_step(self._sampled)
-                families.update(probe.param_families())
-            except Exception:  # noqa: BLE001 - an unfamiliar model must not stop training
-                log_failure(probe.name)
-                probe.detach()
-        self._optim.set_families(families)
-
-    def _on_kv_cache(self, reused: int, added: int) -> None:
-        if not _fork.forked:
-            self._publisher.record_kv_cache(reused, added)
-
-    def _set_sampled(self, sampled: bool) -> None:
-        self._sampled = sampled
-        for probe in self._model_probes:
-            probe.begin_step(sampled)
+        self._model = weakref.ref(model)
+        self._probes.attach(model, self._clock.sampled)
 
     def _adopt(self, optimizer: torch.optim.Optimizer) -> None:
         self._optimizer = weakref.ref(optimizer)
 
     def _resolve_model(self, optimizer: torch.optim.Optimizer) -> None:
-        """At the first step, keep token counting on the model that owns the optimizer's parameters."""
+        """At the first step, attach the probes to the model that owns the optimizer's parameters."""
         self._model_resolved = True
-        model = self._tokens.adopt(trainable_params(optimizer))
+        model = self._probes.find_model(trainable_params(optimizer))
         if model is not None:
             self._attach_model(model)
         else:
@@ -373,99 +287,69 @@ class Instrumentation:
             return True
         return self._optimizer() is optimizer
 
+    # -- optimizer hooks ----------------------------------------------------------
     def _on_pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._gradients_read_externally:
             self._pre_step(optimizer)
 
     def _pre_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if _fork.forked or self.closed or not self._owns(optimizer):
+        if fork.forked or self.closed or not self._owns(optimizer):
             return
         if not self._model_resolved:
             self._resolve_model(optimizer)
-        next_sampled = self._sampler.is_sampled(self._step + 1)
-        if not (self._sampled or next_sampled):
+        plan = self._clock.plan()
+        if not (plan.sampled or plan.next_sampled):
             return
         started = time.perf_counter()
-        try:
-            self._optim.pre_step(optimizer, self._step, self._sampled, next_sampled)
-        except Exception:  # noqa: BLE001
-            log_failure("optimizer")
-            self._optim.reset()
+        self._probes.before_update(optimizer, plan)
         self._overhead += time.perf_counter() - started
 
     def _on_post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if _fork.forked or self._optimizer is None or self._optimizer() is not optimizer:
+        if fork.forked or self._optimizer is None or self._optimizer() is not optimizer:
             return
         now = time.perf_counter()
         with self._lock:
-            durations = [now - self._last_step_end] if self._last_step_end is not None else []
-            if self._sampled:
-                self._publish(self._collect(optimizer), durations, started=now)
+            durations = self._clock.durations(now)
+            if self._clock.sampled:
+                self._publish(optimizer, durations, started=now)
             else:
                 self._submit_counts(steps=1, durations=durations)
-            self._step += 1
-            self._set_sampled(self._sampler.is_sampled(self._step))
+            self._probes.begin_step(self._clock.advance())
             self._overhead = 0.0
-            self._last_step_end = time.perf_counter()
+            self._clock.mark_end()
 
     # -- publishing -------------------------------------------------------------
     def _submit_counts(self, steps: int, durations: list[float]) -> None:
-        """Counters of a non-sampled step: a queue put; device token counts are read off-thread."""
-        host_tokens, device_tokens = self._tokens.take()
-        if steps or durations or host_tokens or device_tokens is not None:
-            self._publisher.submit(Publication(step=self._step, sampled=False, steps=steps, tokens=host_tokens,
-                                               device_tokens=device_tokens, durations=durations))
+        """Counters of a non-sampled step: a queue put; device counts are read off-thread."""
+        counters: list[CounterPoint] = list(self._probes.tally().counters)
+        if steps:
+            counters.insert(0, (TRAIN_STEPS, {}, steps))
+        if counters or durations:
+            self._publisher.submit(Publication(step=self._clock.step, sampled=False, counters=counters,
+                                               durations=durations))
 
-    def _collect(self, optimizer: torch.optim.Optimizer) -> StepValues:
-        """Every probe's device values of the sampled step; a failing probe contributes nothing."""
-        values = StepValues()
-        sources: list[tuple[str, Callable[[], StepValues], Callable[[], None]]] = [
-            ("optimizer", lambda: self._optim.post_step(optimizer), self._optim.reset),
-            ("loss", self._loss.finish, self._loss.reset),
-            *((probe.name, probe.finish, probe.reset) for probe in self._model_probes),
-        ]
-        for name, finish, reset in sources:
-            try:
-                values.extend(finish())
-            except Exception:  # noqa: BLE001 - never raise into the training loop
-                log_failure(name)
-                reset()
-        return values
-
-    def _publish(self, values: StepValues, durations: list[float], started: float) -> None:
-        """A sampled step: the sampling decision, one transfer of every device value, then a queue put."""
-        host_tokens, device_tokens = self._tokens.take()
-        host_gauges, device = self._host_gauges()
-        extra = {_TOKENS_KEY: device_tokens} if device_tokens is not None else {}
-        try:
-            if self._sampler.adaptive:
-                pressure = host_gauges.get(MEMORY_PRESSURE, (({}, None),))[0][1]
-                extra[_DECISION_KEY] = agreed_inputs(values, self._publisher.take_anomalies(), pressure, device)
-            gauges, histograms, host = to_host(values, extra)
-        except Exception:  # noqa: BLE001
-            log_failure("publish")
-            gauges, histograms, host = {}, [], {}
-        decision = SamplingInputs.from_vector(host[_DECISION_KEY]) if _DECISION_KEY in host else SamplingInputs()
-        self._sampler.update(self._step, decision)
-        tokens = host_tokens + (int(host[_TOKENS_KEY][0]) if _TOKENS_KEY in host else 0)
-        gauges.update(host_gauges)
-        gauges[TELEMETRY_SAMPLING_INTERVAL] = (({}, float(self._sampler.interval)),)
-        publication = Publication(step=self._step, sampled=True, steps=1, tokens=tokens, durations=durations,
-                                  gauges=gauges, histograms=histograms)
-        publication.overhead = self._overhead + time.perf_counter() - started
+    def _publish(self, optimizer: torch.optim.Optimizer, durations: list[float], started: float) -> None:
+        """A sampled step: the probes' values and the sampling decision in one transfer, then a queue put."""
+        values = self._probes.finish(optimizer)
+        host = self._to_host(values, parameter_device(optimizer))
+        sampler = self._clock.sampler
+        sampler.update(self._clock.step, SamplingInputs.decode(host.decision) if host.decision is not None
+                       else SamplingInputs())
+        gauges = dict(host.gauges)
+        gauges[TELEMETRY_SAMPLING_INTERVAL] = (({}, float(sampler.interval)),)
+        publication = Publication(step=self._clock.step, sampled=True,
+                                  counters=[(TRAIN_STEPS, {}, 1), *host.counters], durations=durations,
+                                  gauges=gauges, histograms=host.histograms)
+        publication.overhead = (self._overhead + self._probes.take_host_seconds()
+                                + time.perf_counter() - started)
         self._publisher.submit(publication)
 
-    def _host_gauges(self) -> tuple[dict[str, GaugePoints], torch.device]:
-        """Learning rates and memory pressure, read on the host; and the device the parameters live on."""
-        optimizer = self._optimizer() if self._optimizer is not None else None
-        if optimizer is None:
-            return {}, torch.device("cpu")
-        gauges: dict[str, GaugePoints] = {TRAIN_LEARNING_RATE: tuple(
-            ({ATTR_PARAM_GROUP: str(index)}, float(group["lr"]))
-            for index, group in enumerate(optimizer.param_groups) if "lr" in group)}
-        params = trainable_params(optimizer)
-        device = params[0].device if params else torch.device("cpu")
-        pressure = memory_pressure(device)
-        if pressure is not None:
-            gauges[MEMORY_PRESSURE] = (({ATTR_DEVICE: str(device)}, pressure),)
-        return gauges, device
+    def _to_host(self, values: StepValues, device: torch.device) -> HostStep:
+        """One transfer of the step's device values, with the cross-rank sampling decision when adaptive."""
+        try:
+            decision = (SamplingInputs.encode(values, self._publisher.take_anomalies(), device)
+                        if self._clock.sampler.adaptive else None)
+            return to_host(values, decision)
+        except Exception:  # noqa: BLE001 - the step's signals are lost; its host counts are not
+            log_failure("publish")
+            return HostStep({}, [], [c for c in values.counters if not isinstance(c.value, torch.Tensor)], None)

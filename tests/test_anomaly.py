@@ -8,7 +8,7 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from otel_llm.anomaly import AnomalyMonitor, SaxDetector, gaussian_breakpoints
+from otel_llm.pipeline.anomaly import AnomalyMonitor, SaxDetector, gaussian_breakpoints
 
 # Lin, Keogh et al. (2003), table of breakpoints
 PAPER_BREAKPOINTS = {

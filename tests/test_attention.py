@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import otel_llm
 from otel_llm.catalog import HEAD_ENTROPY_BUCKETS
-from otel_llm.probes.attention_stats import query_positions
+from otel_llm.probes._attention_stats import query_positions
 from tests.attention_reference import Capture, Reference, causal_padding_mask, reference_signals
 from tests.conftest import rel_close
 from tests.models import GPT
@@ -298,7 +298,7 @@ def test_unsupported_layouts_are_skipped_with_one_log_line(harness, caplog):
     for _ in range(2):
         model.layers[0](torch.ones(1, 8)).backward()
         optimizer.step()
-    probe = next(p for p in h.session._model_probes if p.name == "attention")
+    probe = h.session._probes.named("attention")
     assert probe.skipped_calls == 2
     assert len([r for r in caplog.records if "attention call skipped" in r.getMessage()]) == 1
     m = h.collect()
@@ -492,7 +492,7 @@ def test_gpt2_reordered_upcast_eager_attention_is_seen_through_softmax(harness):
 
 def test_long_batches_are_processed_in_chunks_with_the_same_values(harness, monkeypatch):
     """A logit budget smaller than one batch splits the work; the sums are the same as in one piece."""
-    from otel_llm.probes import attention_stats
+    from otel_llm.probes import _attention_stats as attention_stats
 
     values = {}
     parts: list[int] = []

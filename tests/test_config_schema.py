@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import logging
 import math
 import os
@@ -10,12 +12,15 @@ import socket
 import urllib.request
 from pathlib import Path
 
+import opentelemetry.environment_variables as otel_api_env
+import opentelemetry.sdk.environment_variables as otel_sdk_env
 import pytest
 import torch
 
 import otel_llm
 from otel_llm import config as config_module
-from otel_llm.instrumentor import TorchInstrumentor
+from otel_llm import environment_variables as env_module
+from otel_llm.zero_code.instrumentor import TorchInstrumentor
 from otel_llm.session import active
 from tests.models import GPT
 
@@ -172,6 +177,79 @@ def test_environment_fills_unset_fields_and_explicit_wins(monkeypatch):
     # an explicit bad value raises even when the environment is fine
     with pytest.raises(ValueError, match="sampling_interval"):
         otel_llm.Config(sampling_interval=0)
+
+
+@pytest.mark.parametrize(("environment", "values"), [
+    # the explicit minimum equals the environment's: it is still explicit
+    ({"OTEL_LLM_SAMPLING_MIN_INTERVAL": "50"}, dict(sampling_min_interval=50, sampling_max_interval=20)),
+    # one side explicit, the other from the environment: the explicit one must not be dropped silently
+    ({"OTEL_LLM_SAMPLING_MAX_INTERVAL": "20"}, dict(sampling_min_interval=50)),
+    ({"OTEL_LLM_ANOMALY_WINDOW": "8"}, dict(anomaly_window=8, anomaly_segments=3)),
+])
+def test_explicit_value_equal_to_the_environment_still_raises_on_a_broken_rule(monkeypatch, caplog, environment,
+                                                                               values):
+    caplog.set_level(logging.WARNING, logger="otel_llm")
+    for name, raw in environment.items():
+        monkeypatch.setenv(name, raw)
+    with pytest.raises(ValueError, match=re.escape(next(iter(values)))):
+        otel_llm.Config(**values)
+    assert not caplog.records
+
+
+def test_source_reports_explicit_environment_and_default(monkeypatch):
+    monkeypatch.setenv("OTEL_LLM_SAMPLING_INTERVAL", "7")
+    monkeypatch.setenv("OTEL_EXPORTER_PROMETHEUS_PORT", "9999")
+    monkeypatch.setenv("OTEL_LLM_TOKEN_LOSS_SAMPLES", "100000")  # bad: the default is used
+    monkeypatch.setenv("OTEL_LLM_SAMPLING_MAX_INTERVAL", "5")  # breaks a rule: both sides fall back
+    monkeypatch.setenv("OTEL_LLM_ANOMALY_BASELINE", "64")
+    config = otel_llm.Config(shutdown_timeout=2.0, anomaly_baseline=64)  # both equal to the default
+    assert config.source("sampling_interval") == "environment" and config.sampling_interval == 7
+    assert config.source("prometheus_port") == "environment" and config.prometheus_port == 9999
+    assert config.source("token_loss_samples") == "default"
+    assert config.source("sampling_max_interval") == "default" and config.sampling_max_interval == 100
+    assert config.source("sampling_min_interval") == "default"
+    assert config.source("shutdown_timeout") == "explicit"
+    assert config.source("anomaly_baseline") == "explicit"  # equal to the environment's value too
+    assert config.source("anomaly_window") == "default"
+    with pytest.raises(KeyError):
+        config.source("no_such_field")
+
+
+def test_replace_makes_every_value_explicit_and_provenance_stays_out_of_eq_and_repr(monkeypatch):
+    monkeypatch.setenv("OTEL_LLM_SAMPLING_INTERVAL", "7")
+    config = otel_llm.Config()
+    changed = dataclasses.replace(config, sampling_warmup=5)
+    assert (changed.sampling_interval, changed.sampling_warmup) == (7, 5)
+    assert {changed.source(spec.name) for spec in dataclasses.fields(changed)} == {"explicit"}
+    assert dataclasses.replace(config) == config
+    assert otel_llm.Config(sampling_interval=7) == config
+    assert hash(otel_llm.Config(sampling_interval=7)) == hash(config)
+    assert repr(dataclasses.replace(config)) == repr(config) and "_sources" not in repr(config)
+    assert "_sources" not in {spec.name for spec in dataclasses.fields(config)}
+
+
+def test_environment_variable_constants_are_the_names_config_reads():
+    read = {spec.metadata["env"] for spec in dataclasses.fields(otel_llm.Config)}
+    own = {name for name in read if name.startswith("OTEL_LLM_")}
+    assert set(env_module.__all__) == own
+    assert all(getattr(env_module, name) == name for name in env_module.__all__)
+    standard = {value for module in (otel_sdk_env, otel_api_env) for name, value in vars(module).items()
+                if name.startswith("OTEL_")}
+    assert read - own <= standard, "standard variables must be the SDK's own names"
+
+
+def test_help_text_lives_only_in_the_config_fields():
+    """Each constant's docstring only names its field; the meaning is in the field's help, once."""
+    field_of = {spec.metadata["env"]: spec.name for spec in dataclasses.fields(otel_llm.Config)}
+    source = Path(env_module.__file__).read_text(encoding="utf-8")
+    body = ast.parse(source).body
+    docstrings = {}
+    for statement, following in zip(body, body[1:]):
+        if isinstance(statement, ast.AnnAssign) and isinstance(following, ast.Expr):
+            docstrings[statement.target.id] = following.value.value
+    assert docstrings == {name: f"Sets :attr:`otel_llm.Config.{field_of[name]}`." for name in env_module.__all__}
+    for _, _, _, help_text in config_module.options():
+        assert help_text not in source
 
 
 def test_metrics_exporter_none_gives_no_readers(monkeypatch, sessions):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from otel_llm.catalog import CATALOG
-from otel_llm.docs import config_table, metric_table, signal_guide, threshold_table
+from otel_llm.ops.docs import config_table, metric_table, signal_guide, threshold_table
 from otel_llm.ops.rules import alerts
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from otel_llm.sampler import AdaptiveSampler, FixedIntervalSampler, SamplingInputs
+from otel_llm.pipeline.sampler import AdaptiveSampler, FixedIntervalSampler, SamplingInputs
 from tests.models import GPT
 
 QUIET = SamplingInputs(loss=1.0)
@@ -112,7 +112,7 @@ def test_back_off_and_plateau_compound_but_never_pass_the_maximum():
 
 
 def test_inputs_decode_from_the_agreed_vector():
-    decoded = SamplingInputs.from_vector(torch.tensor([-math.inf, 1.0, 0.0, 0.5], dtype=torch.float64).numpy())
+    decoded = SamplingInputs.decode(torch.tensor([-math.inf, 1.0, 0.0, 0.5], dtype=torch.float64).numpy())
     assert math.isnan(decoded.loss) and decoded.nonfinite and not decoded.anomaly and decoded.memory_pressure == 0.5
 
 

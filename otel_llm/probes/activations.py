@@ -17,19 +17,16 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.hooks import RemovableHandle
-
 from otel_llm.catalog import ACTIVATION_OUTLIER_RATIO, ACTIVATION_SPARSITY, ATTR_LAYER
 from otel_llm.config import Config
 from otel_llm.environment_variables import OTEL_LLM_MLP_OUTPUT_PATH
-from otel_llm.probes.base import ModelProbe, StepValues
-from otel_llm.probes.forward import TokenMask, first_tensor, in_step_forward, layer_index
+from otel_llm.probes._forward import TokenMask, first_tensor, in_step_forward, layer_index
+from otel_llm.probes.base import Probe, StepValues
 
-__all__ = ["ACTIVATION_SIGNALS", "MLP_OUTPUT_PATHS", "ActivationProbe", "floor_in_dtype", "mlp_output"]
+__all__ = ["MLP_OUTPUT_PATHS", "ActivationProbe", "floor_in_dtype", "mlp_output"]
 
 _logger = logging.getLogger(__name__)
 
-ACTIVATION_SIGNALS = (ACTIVATION_SPARSITY, ACTIVATION_OUTLIER_RATIO)
 MLP_OUTPUT_PATHS = ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "fc2")
 """MLP output projections, relative to a decoder layer, tried in this order."""
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -70,14 +67,13 @@ class _LayerStats:
         self.peak: torch.Tensor | None = None
 
 
-class ActivationProbe(ModelProbe):
+class ActivationProbe(Probe):
     """Per-layer MLP activation sparsity and hidden-dimension outlier ratio of sampled steps."""
 
     name = "activations"
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
-        self._handles: list[RemovableHandle] = []
         self._mask = TokenMask()
         self._stats: dict[int, _LayerStats] = {}
         # The threshold as compared in each dtype, found here: reading it back from a tensor inside a hook
@@ -92,15 +88,15 @@ class ActivationProbe(ModelProbe):
         missing: list[int] = []
         for position, layer in index.layers():
             if not cfg.is_disabled(ACTIVATION_OUTLIER_RATIO):
-                self._handles.append(layer.register_forward_hook(self.guarded(self._on_layer_output(position))))
+                self.hook(layer.register_forward_hook(self.guarded(self._on_layer_output(position))))
             if cfg.is_disabled(ACTIVATION_SPARSITY):
                 continue
             projection = mlp_output(layer, cfg.mlp_output_path)
             if projection is None:
                 missing.append(position)
                 continue
-            self._handles.append(projection.register_forward_pre_hook(self.guarded(self._on_mlp_input(position)),
-                                                                      with_kwargs=True))
+            self.hook(projection.register_forward_pre_hook(self.guarded(self._on_mlp_input(position)),
+                                                           with_kwargs=True))
         if missing:
             tried = cfg.mlp_output_path or ", ".join(MLP_OUTPUT_PATHS)
             _logger.info("otel_llm: no MLP output projection (%s) in %d of %d decoder layers of %s; "
@@ -110,11 +106,8 @@ class ActivationProbe(ModelProbe):
             self._mask.attach(model)
 
     def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
         self._mask.detach()
-        self.reset()
+        super().detach()
 
     # -- hooks --------------------------------------------------------------
     def _layer(self, position: int) -> _LayerStats:
@@ -173,7 +166,7 @@ class ActivationProbe(ModelProbe):
         self._mask.clear()
         self._stats = {}
 
-    def finish(self) -> StepValues:
+    def finish(self, optimizer: torch.optim.Optimizer) -> StepValues:
         values = StepValues()
         threshold = self.config.activation_outlier_threshold
         for position in sorted(self._stats):

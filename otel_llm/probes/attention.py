@@ -1,7 +1,7 @@
 """Attention probe: signals #8-#11 per decoder layer, from SDPA, eager and explicit-softmax attention.
 
 Forward hooks on the decoder layers say which layer is running; the
-interceptors of :mod:`otel_llm.probes.attention_calls` deliver each attention
+interceptors of :mod:`otel_llm.probes._attention_calls` deliver each attention
 call, and on sampled steps the call's inputs are folded into that layer's
 :class:`LayerStatistics`. On other steps the hooks and listeners return after
 one attribute read. Only training forwards count (grad enabled, or a layer in
@@ -29,22 +29,19 @@ from otel_llm.catalog import (
     ATTR_LAYER,
 )
 from otel_llm.config import Config
-from otel_llm.probes import attention_calls
-from otel_llm.probes.attention_calls import AttentionCall, ScoresCall
-from otel_llm.probes.attention_stats import LayerStatistics
-from otel_llm.probes.base import ModelProbe, StepValues
-from otel_llm.probes.forward import in_backward
-from otel_llm.probes.layers import LayerIndex
+from otel_llm.probes._attention_calls import ATTENTION, AttentionCall, ScoresCall, eager_patches
+from otel_llm.probes._attention_stats import LayerStatistics
+from otel_llm.probes._forward import in_backward
+from otel_llm.probes._layers import LayerIndex
+from otel_llm.probes.base import Probe, StepValues
+from otel_llm.runtime.log_once import LogOnce
 
-__all__ = ["ATTENTION_SIGNALS", "AttentionProbe"]
+__all__ = ["AttentionProbe"]
 
 _logger = logging.getLogger(__name__)
 
-ATTENTION_SIGNALS = (ATTENTION_HEAD_ENTROPY, ATTENTION_HEAD_DIVERGENCE_MAX, ATTENTION_LOGIT_MAX,
-                     ATTENTION_SINK_RATIO)
 
-
-class AttentionProbe(ModelProbe):
+class AttentionProbe(Probe):
     """Per-layer head entropy, head divergence, logit max and sink ratio of sampled steps."""
 
     name = "attention"
@@ -52,39 +49,24 @@ class AttentionProbe(ModelProbe):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.skipped_calls = 0
-        self._warned: set[str] = set()
+        self._skips_logged = LogOnce()
         self._layers: dict[int, LayerStatistics] = {}
         self._current: list[tuple[int, bool]] = []
         self._calls_in_forward = 0
         self._by_order = False
-        self._handles: list[Any] = []
-        self._eager: list[dict[str, Any]] = []
-        self._listener: attention_calls.Listener | None = None
 
     def attach(self, model: torch.nn.Module) -> None:
         index = LayerIndex(model, self.config.layers_path)
         if len(index):
             for position, layer in index.layers():
-                self._handles.append(layer.register_forward_pre_hook(self.guarded(self._enter(position))))
-                self._handles.append(layer.register_forward_hook(self.guarded(self._leave), always_call=True))
+                self.hook(layer.register_forward_pre_hook(self.guarded(self._enter(position))))
+                self.hook(layer.register_forward_hook(self.guarded(self._leave), always_call=True))
         else:
             self._by_order = True
-            self._handles.append(model.register_forward_pre_hook(self._new_forward))
-        self._eager = attention_calls.eager_globals(model)
-        attention_calls.patch_eager(self._eager)
-        self._listener = self.guarded(self._on_call)
-        attention_calls.add_listener(self._listener)
-
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        if self._listener is not None:
-            attention_calls.remove_listener(self._listener)
-            attention_calls.unpatch_eager(self._eager)
-            self._listener = None
-        self._eager = []
-        self.reset()
+            self.hook(model.register_forward_pre_hook(self._new_forward))
+        for patch in eager_patches(model):
+            self.use(patch)
+        self.listen(ATTENTION, self.guarded(self._on_call))
 
     # -- hooks --------------------------------------------------------------
     def _enter(self, position: int) -> Callable[..., None]:
@@ -132,17 +114,15 @@ class AttentionProbe(ModelProbe):
 
     def _skip(self, exc: Exception) -> None:
         self.skipped_calls += 1
-        reason = type(exc).__name__
-        if reason not in self._warned:
-            self._warned.add(reason)
-            _logger.warning("otel_llm: attention call skipped (%s); further such calls are skipped silently", exc)
+        self._skips_logged(_logger, logging.WARNING, type(exc).__name__,
+                           "otel_llm: attention call skipped (%s); further such calls are skipped silently", exc)
 
     # -- step ---------------------------------------------------------------
     def begin_step(self, sampled: bool) -> None:
         super().begin_step(sampled)
         self._current.clear()
 
-    def finish(self) -> StepValues:
+    def finish(self, optimizer: torch.optim.Optimizer) -> StepValues:
         values = StepValues()
         cfg = self.config
         for layer in sorted(self._layers):

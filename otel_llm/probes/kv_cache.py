@@ -12,25 +12,32 @@ Only updates with autograd off are counted: ``generate()`` and inference loops.
 transformers also fills a throwaway cache during training forwards, which is
 not cache reuse. A static layer keeps its fill level on the device, so it costs
 one scalar read per layer update; compiled forwards (``torch.compile``) are not
-counted. The wrapper is installed when ``transformers.cache_utils`` is imported
-(or at once if it already is) and removed with the last listener.
+counted. The patch goes in when ``transformers.cache_utils`` is imported (or at
+once if it already is) and comes out with the last listener.
+
+Counts are recorded as they happen, not on sampled steps: generation runs
+without optimizer steps.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
-import threading
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from otel_llm.probes.base import log_failure
+from otel_llm.probes.base import Probe, log_failure
+from otel_llm.probes.interception import Interception
+from otel_llm.runtime import fork
+from otel_llm.runtime.log_once import once
 
-__all__ = ["KvCacheListener", "add_listener", "remove_listener"]
+if TYPE_CHECKING:
+    from otel_llm.config import Config
+
+__all__ = ["KV_CACHE", "KvCacheListener", "KvCacheProbe"]
 
 _logger = logging.getLogger(__name__)
 
@@ -38,17 +45,11 @@ KvCacheListener = Callable[[int, int], None]
 """Called with (reused, added) K/V token entries of one layer update."""
 
 _MODULE = "transformers.cache_utils"
-_listeners: list[KvCacheListener] = []
-_lock = threading.Lock()
-_patched: tuple[type, Callable[..., Any]] | None = None
-_import_hook = False
-_warned: set[str] = set()
 
 
-def _warn_once(kind: str) -> None:
-    if kind not in _warned:
-        _warned.add(kind)
-        _logger.info("otel_llm: %s is not a KV cache otel_llm knows; its updates are not counted", kind)
+def _unknown(kind: str) -> None:
+    once(_logger, logging.INFO, ("unknown kv cache", kind),
+         "otel_llm: %s is not a KV cache otel_llm knows; its updates are not counted", kind)
 
 
 def _dynamic_stored(layer: Any) -> int | None:
@@ -83,7 +84,7 @@ def _counter(module: ModuleType) -> Callable[[Any, torch.Tensor, int], tuple[int
 
     def count(cache: Any, key_states: torch.Tensor, layer_idx: int) -> tuple[int, int] | None:
         if type(cache) not in caches:
-            _warn_once(type(cache).__name__)
+            _unknown(type(cache).__name__)
             return None
         layers = cache.layers
         stored = 0
@@ -92,7 +93,7 @@ def _counter(module: ModuleType) -> Callable[[Any, torch.Tensor, int], tuple[int
             reader = readers.get(type(layer))
             stored = reader(layer) if reader is not None else None
             if stored is None:
-                _warn_once(f"{type(cache).__name__} layer {type(layer).__name__}")
+                _unknown(f"{type(cache).__name__} layer {type(layer).__name__}")
                 return None
         rows = key_states.shape[0]
         return stored * rows, key_states.shape[-2] * rows
@@ -100,71 +101,53 @@ def _counter(module: ModuleType) -> Callable[[Any, torch.Tensor, int], tuple[int
     return count
 
 
-def _patch(module: ModuleType) -> None:
-    """Wrap ``Cache.update`` once (callers hold the lock)."""
-    global _patched
-    if _patched is not None:
-        return
-    cache_class = getattr(module, "Cache", None)
-    original = getattr(cache_class, "__dict__", {}).get("update")
-    if original is None:
-        _logger.info("otel_llm: this transformers version has no Cache.update; llm.kv_cache.* come only from "
-                     "record_kv_cache()")
-        return
-    count = _counter(module)
+def _bind_update(cache: Any, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+                 **kwargs: Any) -> tuple[Any, torch.Tensor, int]:
+    return cache, key_states, layer_idx
 
-    @functools.wraps(original)
-    def update(self: Any, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               *args: Any, **kwargs: Any) -> Any:
-        listeners = _listeners
-        if not listeners or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return original(self, key_states, value_states, layer_idx, *args, **kwargs)
+
+_count: Callable[[Any, torch.Tensor, int], tuple[int, int] | None] | None = None
+
+
+def _around_update(call: Callable[..., Any], listeners: tuple[KvCacheListener, ...], args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any:
+    global _count
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return call(*args, **kwargs)
+    try:
+        cache, key_states, layer_idx = _bind_update(*args, **kwargs)
+        if _count is None:
+            _count = _counter(sys.modules[_MODULE])
+        counts = _count(cache, key_states, layer_idx)
+    except Exception:  # noqa: BLE001 - never raise into generation
+        log_failure("kv_cache")
+        counts = None
+    result = call(*args, **kwargs)
+    if counts is not None:
         try:
-            counts = count(self, key_states, layer_idx)
-        except Exception:  # noqa: BLE001 - never raise into generation
+            for listener in listeners:
+                listener(*counts)
+        except Exception:  # noqa: BLE001
             log_failure("kv_cache")
-            counts = None
-        result = original(self, key_states, value_states, layer_idx, *args, **kwargs)
-        if counts is not None:
-            try:
-                for listener in listeners:
-                    listener(*counts)
-            except Exception:  # noqa: BLE001
-                log_failure("kv_cache")
-        return result
-
-    cache_class.update = update
-    _patched = (cache_class, original)
+    return result
 
 
-def _on_import(module: ModuleType) -> None:
-    with _lock:
-        if _listeners:
-            _patch(module)
+KV_CACHE: Interception[KvCacheListener] = Interception("kv_cache")
+KV_CACHE.patch(f"{_MODULE}:Cache", "update", _around_update)
 
 
-def add_listener(listener: KvCacheListener) -> None:
-    """Deliver every counted cache update to ``listener``; wraps ``Cache.update`` now or when it is imported."""
-    global _listeners, _import_hook
-    with _lock:
-        _listeners = [*_listeners, listener]
-        module = sys.modules.get(_MODULE)
-        if module is not None:
-            _patch(module)
-            return
-        if not _import_hook:
-            import wrapt
+class KvCacheProbe(Probe):
+    """Hands every counted cache update to ``record`` (the publisher's KV-cache counters and window)."""
 
-            wrapt.register_post_import_hook(_on_import, _MODULE)
-            _import_hook = True
+    name = "kv_cache"
 
+    def __init__(self, config: Config, record: KvCacheListener) -> None:
+        super().__init__(config)
+        self._record = record
 
-def remove_listener(listener: KvCacheListener) -> None:
-    """Stop delivering to ``listener``; the last removal restores ``Cache.update``."""
-    global _listeners, _patched
-    with _lock:
-        _listeners = [item for item in _listeners if item != listener]  # bound methods compare by ==
-        if not _listeners and _patched is not None:
-            cache_class, original = _patched
-            cache_class.update = original
-            _patched = None
+    def start(self, model_known: bool) -> None:
+        self.listen(KV_CACHE, self._on_update)
+
+    def _on_update(self, reused: int, added: int) -> None:
+        if not fork.forked:
+            self._record(reused, added)

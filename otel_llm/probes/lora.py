@@ -25,12 +25,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.hooks import RemovableHandle
 
 from otel_llm.catalog import ATTR_LAYER, LORA_RANK_ACTIVATION_RATIO
 from otel_llm.config import Config
-from otel_llm.probes.base import ModelProbe, StepValues
-from otel_llm.probes.forward import TokenMask, first_tensor, in_step_forward, layer_index
+from otel_llm.probes._forward import TokenMask, first_tensor, in_step_forward, layer_index
+from otel_llm.probes.base import Probe, StepValues
 
 __all__ = ["LoraProbe", "lora_param_families", "rank_activation_ratio"]
 
@@ -87,22 +86,19 @@ def _factors(model: torch.nn.Module, layer_of: Callable[[torch.nn.Module], int |
             yield _Factor(owner, factor, layer, factor.shape[0])
 
 
-class LoraProbe(ModelProbe):
-    """Per-layer LoRA rank activation ratio of sampled steps; names the LoRA gradient groups."""
+class LoraProbe(Probe):
+    """Per-layer LoRA rank activation ratio of sampled steps."""
 
     name = "lora"
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
-        self._handles: list[RemovableHandle] = []
         self._mask = TokenMask()
         self._factors: list[_Factor] = []
         self._sums: dict[int, torch.Tensor] = {}
-        self._families: dict[str, list[torch.Tensor]] = {}
 
     def attach(self, model: torch.nn.Module) -> None:
-        self._families = lora_param_families(model)
-        if not self._families or self.config.is_disabled(LORA_RANK_ACTIVATION_RATIO):
+        if not lora_param_families(model):
             return
         index = layer_index(model, self.config.layers_path)
         if index is None:
@@ -110,23 +106,17 @@ class LoraProbe(ModelProbe):
         self._factors = list(_factors(model, index.layer_of))
         for slot, factor in enumerate(self._factors):
             if factor.parameter is None:
-                self._handles.append(factor.module.register_forward_hook(self.guarded(self._on_output(slot))))
+                self.hook(factor.module.register_forward_hook(self.guarded(self._on_output(slot))))
             else:
-                self._handles.append(factor.module.register_forward_pre_hook(self.guarded(self._on_input(slot)),
-                                                                             with_kwargs=True))
+                self.hook(factor.module.register_forward_pre_hook(self.guarded(self._on_input(slot)),
+                                                                  with_kwargs=True))
         if self._handles:
             self._mask.attach(model)
 
     def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
         self._mask.detach()
         self._factors = []
-        self.reset()
-
-    def param_families(self) -> dict[str, list[torch.Tensor]]:
-        return self._families
+        super().detach()
 
     # -- hooks --------------------------------------------------------------
     def _add(self, slot: int, z: torch.Tensor) -> None:
@@ -172,7 +162,7 @@ class LoraProbe(ModelProbe):
         self._mask.clear()
         self._sums = {}
 
-    def finish(self) -> StepValues:
+    def finish(self, optimizer: torch.optim.Optimizer) -> StepValues:
         values = StepValues()
         sums, self._sums = self._sums, {}
         if not sums:

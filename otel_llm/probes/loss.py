@@ -1,25 +1,72 @@
-"""Loss-shape signals from intercepted cross_entropy calls on sampled steps.
+"""Loss-shape signals from intercepted ``F.cross_entropy`` calls on sampled steps.
+
+Hugging Face models, ``nn.CrossEntropyLoss`` and plain scripts all look the
+function up on ``torch.nn.functional`` at call time, so one patch of that
+attribute sees every training loss without touching the model. The wrapper
+returns the result untouched; the probe binds the call only on sampled steps.
 
 Per call (training, grad enabled) the probe recomputes, without gradients and
 in float32, the per-token losses with the call's own options and the log-sum-exp
 of the logits; everything stays on the device. ``finish()`` reduces the whole
 step (all micro-batches) to the loss, skewness and z-loss plus a uniform,
-on-device subsample of at most ``max_tokens`` per-token losses.
+on-device subsample of at most ``token_loss_samples`` per-token losses.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 from otel_llm.catalog import LOGITS_Z_LOSS, LOSS_TOKEN, LOSS_TOKEN_SKEWNESS, TRAIN_LOSS
-from otel_llm.probes.base import StepValues
-from otel_llm.probes.cross_entropy import original_cross_entropy
+from otel_llm.probes.base import Probe, StepValues, log_failure
+from otel_llm.probes.interception import Interception
+from otel_llm.runtime import fork
 
-__all__ = ["LossProbe"]
+if TYPE_CHECKING:
+    from otel_llm.config import Config
+
+__all__ = ["CROSS_ENTROPY", "CrossEntropyListener", "LossProbe", "bind_cross_entropy"]
 
 _CHUNK_ROWS = 8192
+
+CrossEntropyListener = Callable[[tuple[Any, ...], dict[str, Any], torch.Tensor], None]
+"""Receives the raw (args, kwargs, result) of a cross_entropy call made with autograd on."""
+
+
+def _deliver(call: Callable[..., Any], listeners: tuple[CrossEntropyListener, ...], args: tuple[Any, ...],
+             kwargs: dict[str, Any]) -> torch.Tensor:
+    result = call(*args, **kwargs)
+    if torch.is_grad_enabled():
+        for listener in listeners:
+            listener(args, kwargs, result)
+    return result
+
+
+CROSS_ENTROPY: Interception[CrossEntropyListener] = Interception("cross_entropy")
+_PATCH = CROSS_ENTROPY.patch(F, "cross_entropy", _deliver)
+
+
+def _recompute(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """cross_entropy as the patch found it: the probe's own calls are not training losses to deliver."""
+    call = _PATCH.underlying or F.cross_entropy
+    return call(*args, **kwargs)
+
+
+def bind_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                       size_average: bool | None = None, ignore_index: int = -100, reduce: bool | None = None,
+                       reduction: str = "mean", label_smoothing: float = 0.0
+                       ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Mirror of cross_entropy's signature: (input, target, normalised options)."""
+    if size_average is not None or reduce is not None:
+        from torch.nn import _reduction
+
+        reduction = _reduction.legacy_get_string(size_average, reduce, emit_warning=False)
+    return input, target, {"weight": weight, "ignore_index": ignore_index, "reduction": reduction,
+                           "label_smoothing": label_smoothing}
 
 
 def _flatten(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,14 +80,46 @@ def _flatten(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, 
     return rows, target.reshape(-1)
 
 
-class LossProbe:
-    """Collects one sampled step's per-token losses and logit statistics."""
+class LossProbe(Probe):
+    """Collects one sampled step's per-token losses and logit statistics.
 
-    def __init__(self, max_tokens: int, seed: int = 0) -> None:
-        self._max_tokens = max_tokens
-        self._seed = seed
+    Always built: a loss given to :meth:`record_manual_loss` steers the adaptive
+    sampler even when every loss signal is disabled; the interceptor listens
+    only when one is enabled.
+    """
+
+    name = "loss"
+    always = True
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self._max_tokens = config.token_loss_samples
+        self._seed = config.update_sample_seed
         self._generators: dict[torch.device, torch.Generator] = {}
         self.reset()
+
+    def start(self, model_known: bool) -> None:
+        if self.family_enabled():
+            self.listen(CROSS_ENTROPY, self._on_cross_entropy)
+
+    def _on_cross_entropy(self, args: tuple[Any, ...], kwargs: dict[str, Any], result: torch.Tensor) -> None:
+        if not self.sampled or fork.forked:
+            return
+        try:
+            input, target, options = bind_cross_entropy(*args, **kwargs)
+        except TypeError:  # a call shape the original accepted but we cannot read: not ours to judge
+            return
+        if not isinstance(input, torch.Tensor) or not input.requires_grad:
+            return
+        timed = not torch.compiler.is_compiling()  # a clock read is a graph break under torch.compile
+        started = time.perf_counter() if timed else 0.0
+        try:
+            self.on_call(input, target, options, result)
+        except Exception:  # noqa: BLE001 - never raise into the training loop
+            log_failure(self.name)
+            self.reset()
+        if timed:
+            self.host_seconds += time.perf_counter() - started
 
     def reset(self) -> None:
         self._losses: list[torch.Tensor] = []
@@ -65,7 +144,7 @@ class LossProbe:
                 picked = chunk.gather(1, chunk_labels.clamp(0, chunk.shape[1] - 1).unsqueeze(1)).squeeze(1)
                 losses.append(chunk_lse - picked)
                 continue
-            losses.append(original_cross_entropy(
+            losses.append(_recompute(
                 chunk, chunk_labels.float() if chunk_labels.is_floating_point() else chunk_labels,
                 weight=None if options["weight"] is None else options["weight"].float(),
                 ignore_index=options["ignore_index"], reduction="none",
@@ -101,7 +180,7 @@ class LossProbe:
         return generator
 
     @torch.no_grad()
-    def finish(self) -> StepValues:
+    def finish(self, optimizer: torch.optim.Optimizer) -> StepValues:
         """Device tensors for the step's loss signals; empty when no loss was seen."""
         out = StepValues()
         if self._manual_losses:

@@ -1,4 +1,4 @@
-"""#17 memory pressure, read on the host at publish time."""
+"""#17 memory pressure, read on the host at the end of a sampled step."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ import os
 
 import torch
 
-__all__ = ["memory_pressure"]
+from otel_llm.catalog import ATTR_DEVICE, MEMORY_PRESSURE
+from otel_llm.probes.base import Probe, StepValues
+from otel_llm.probes.optimizer import parameter_device
+
+__all__ = ["MemoryProbe", "memory_pressure"]
 
 
 def _process_rss_fraction() -> float | None:
@@ -30,3 +34,21 @@ def memory_pressure(device: torch.device) -> float | None:
         free, total = torch.cuda.mem_get_info(device)
         return (total - free) / total
     return _process_rss_fraction()
+
+
+class MemoryProbe(Probe):
+    """Memory pressure of the device the trainable parameters live on.
+
+    Always built: pressure above the configured limit widens adaptive sampling.
+    """
+
+    name = "memory"
+    always = True
+
+    def finish(self, optimizer: torch.optim.Optimizer) -> StepValues:
+        values = StepValues()
+        device = parameter_device(optimizer)
+        pressure = memory_pressure(device)
+        if pressure is not None:
+            values.gauge(MEMORY_PRESSURE, pressure, {ATTR_DEVICE: str(device)})
+        return values

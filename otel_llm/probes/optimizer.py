@@ -8,10 +8,14 @@ consecutive optimizer steps, not consecutive samples.
 
 Sharded parameters (FSDP2 DTensors) hold one shard per rank: the probe sums
 per-rank partial statistics with one all-reduce so the exported values are the
-global ones, not one shard's.
+global ones, not one shard's. The learning rates are read on the host after
+the update.
 """
 
 from __future__ import annotations
+
+from numbers import Real
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,16 +26,27 @@ from otel_llm.catalog import (
     GRAD_SPARSITY,
     PARAM_UPDATE_RATIO,
     PARAM_UPDATE_VARIANCE_RATIO,
+    TRAIN_LEARNING_RATE,
 )
-from otel_llm.probes.base import StepValues
-from otel_llm.probes.update_sample import CoordinateSample
+from otel_llm.probes._update_sample import CoordinateSample
+from otel_llm.probes.base import Probe, StepPlan, StepValues
+from otel_llm.probes.lora import lora_param_families
 
-__all__ = ["OptimizerProbe", "ShardReducer", "trainable_params"]
+if TYPE_CHECKING:
+    from otel_llm.config import Config
+
+__all__ = ["OptimizerProbe", "ShardReducer", "parameter_device", "trainable_params"]
 
 
 def trainable_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """The optimizer's parameters that require grad, in param-group order (the same on every rank)."""
     return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+
+
+def parameter_device(optimizer: torch.optim.Optimizer | None) -> torch.device:
+    """The device the optimizer's first trainable parameter lives on (CPU when it has none)."""
+    params = trainable_params(optimizer) if optimizer is not None else []
+    return params[0].device if params else torch.device("cpu")
 
 
 def _dtensor_type() -> type | None:
@@ -99,21 +114,28 @@ def _above(tensors: list[torch.Tensor], threshold: float, device: torch.device) 
     return torch.stack([n.to(device, torch.float64) for n in torch._foreach_norm(excess, 0)])
 
 
-class OptimizerProbe:
-    """Computes #1-#4 and the gradient norm for one optimizer."""
+class OptimizerProbe(Probe):
+    """Computes #1-#4, the gradient norm and the learning rates for the followed optimizer.
 
-    def __init__(self, sparsity_threshold: float, sample: CoordinateSample, *, updates: bool = True) -> None:
-        self._threshold = sparsity_threshold
-        self._sample = sample
-        self._updates = updates
+    Always built: the sampler reads its gradient norm (a non-finite norm tightens sampling).
+    """
+
+    name = "optimizer"
+    always = True
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self._threshold = config.grad_sparsity_threshold
+        self._sample = CoordinateSample(config.update_sample_size, config.update_sample_seed)
+        self._updates = self.enabled(PARAM_UPDATE_RATIO) or self.enabled(PARAM_UPDATE_VARIANCE_RATIO)
         self._prev_norm: tuple[int, torch.Tensor] | None = None
         self._reducer: tuple[tuple[int, ...], ShardReducer] | None = None
         self._families: dict[str, set[int]] = {}
         self.reset()
 
-    def set_families(self, families: dict[str, list[torch.Tensor]]) -> None:
-        """Parameter subsets (e.g. LoRA factors) whose gradient sparsity is also reported, as groups."""
-        self._families = {name: {id(p) for p in params} for name, params in families.items()}
+    def attach(self, model: torch.nn.Module) -> None:
+        """Parameter subsets (LoRA factors) whose gradient sparsity is also reported, as groups."""
+        self._families = {name: {id(p) for p in params} for name, params in lora_param_families(model).items()}
 
     def reset(self) -> None:
         """Forget the current step's partial results (after a failure)."""
@@ -127,8 +149,9 @@ class OptimizerProbe:
         return self._reducer[1]
 
     @torch.no_grad()
-    def pre_step(self, optimizer: torch.optim.Optimizer, step: int, sampled: bool, next_sampled: bool) -> None:
-        if not (sampled or next_sampled):
+    def before_update(self, optimizer: torch.optim.Optimizer, plan: StepPlan) -> None:
+        step, sampled = plan.step, plan.sampled
+        if not (sampled or plan.next_sampled):
             return
         with_grad = [p for p in trainable_params(optimizer) if p.grad is not None and not p.grad.is_sparse]
         norm = None
@@ -166,9 +189,13 @@ class OptimizerProbe:
         self._prev_norm = (step, norm) if norm is not None else None
 
     @torch.no_grad()
-    def post_step(self, optimizer: torch.optim.Optimizer) -> StepValues:
-        """The sampled step's signals; call only after a sampled ``pre_step``."""
+    def finish(self, optimizer: torch.optim.Optimizer) -> StepValues:
+        """The sampled step's signals; the gradient ones exist after a sampled :meth:`before_update`."""
         out, self._out = self._out, StepValues()
+        for index, group in enumerate(optimizer.param_groups):
+            lr = group.get("lr")
+            if isinstance(lr, (Real, torch.Tensor)):  # Adafactor(relative_step=True) keeps lr=None
+                out.gauge(TRAIN_LEARNING_RATE, float(lr), {ATTR_PARAM_GROUP: str(index)})
         before, self._before = self._before, None
         if before is None:
             return out

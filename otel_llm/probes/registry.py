@@ -1,27 +1,130 @@
-"""The model probes a session runs, chosen from the configuration."""
+"""Every probe a session runs, built from the configuration, and driven as one.
+
+Adding a probe: a module with a :class:`~otel_llm.probes.base.Probe` subclass
+whose ``name`` is its catalog family, and one line in :data:`PROBES`.
+"""
 
 from __future__ import annotations
 
-from otel_llm.catalog import GRAD_SPARSITY, LORA_RANK_ACTIVATION_RATIO, ROPE_ANGLE_DEVIATION
-from otel_llm.config import Config
-from otel_llm.probes.activations import ACTIVATION_SIGNALS, ActivationProbe
-from otel_llm.probes.attention import ATTENTION_SIGNALS, AttentionProbe
-from otel_llm.probes.base import ModelProbe
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, TypeVar
+
+import torch
+
+from otel_llm.probes.activations import ActivationProbe
+from otel_llm.probes.attention import AttentionProbe
+from otel_llm.probes.base import Probe, StepPlan, StepValues, log_failure
+from otel_llm.probes.kv_cache import KvCacheListener, KvCacheProbe
 from otel_llm.probes.lora import LoraProbe
+from otel_llm.probes.loss import LossProbe
+from otel_llm.probes.memory import MemoryProbe
+from otel_llm.probes.optimizer import OptimizerProbe
 from otel_llm.probes.rope import RopeProbe
+from otel_llm.probes.tokens import TokenProbe
 
-__all__ = ["build_model_probes"]
+if TYPE_CHECKING:
+    from otel_llm.config import Config
+
+__all__ = ["PROBES", "Probes", "build_probes"]
+
+P = TypeVar("P", bound=Probe)
+
+PROBES: tuple[type[Probe], ...] = (OptimizerProbe, LossProbe, AttentionProbe, RopeProbe, ActivationProbe, LoraProbe,
+                                   MemoryProbe, KvCacheProbe, TokenProbe)
+"""In the order their values are published."""
 
 
-def build_model_probes(config: Config) -> list[ModelProbe]:
-    """One probe per signal family that is not entirely disabled."""
-    probes: list[ModelProbe] = []
-    if not all(config.is_disabled(name) for name in ATTENTION_SIGNALS):
-        probes.append(AttentionProbe(config))
-    if not config.is_disabled(ROPE_ANGLE_DEVIATION):
-        probes.append(RopeProbe(config))
-    if not all(config.is_disabled(name) for name in ACTIVATION_SIGNALS):
-        probes.append(ActivationProbe(config))
-    if not all(config.is_disabled(name) for name in (LORA_RANK_ACTIVATION_RATIO, GRAD_SPARSITY)):
-        probes.append(LoraProbe(config))
-    return probes
+def build_probes(config: Config, record_kv_cache: KvCacheListener) -> Probes:
+    """One probe per family the config does not entirely disable (and the ones the pipeline always needs)."""
+    probes: list[Probe] = []
+    for cls in PROBES:
+        if not cls.wanted(config):
+            continue
+        probes.append(KvCacheProbe(config, record_kv_cache) if cls is KvCacheProbe else cls(config))
+    return Probes(probes)
+
+
+class Probes:
+    """Runs each lifecycle step on every probe; a probe that raises is logged once and sits the step out."""
+
+    def __init__(self, probes: list[Probe]) -> None:
+        self._all = probes
+        self._counting = [probe for probe in probes if probe.every_step]
+
+    def __iter__(self) -> Iterator[Probe]:
+        return iter(self._all)
+
+    def get(self, cls: type[P]) -> P | None:
+        """The running probe of class ``cls``, if the config asked for it."""
+        return next((probe for probe in self._all if isinstance(probe, cls)), None)
+
+    def named(self, name: str) -> Probe | None:
+        return next((probe for probe in self._all if probe.name == name), None)
+
+    def start(self, model: torch.nn.Module | None, sampled: bool) -> None:
+        for probe in self._all:
+            self._run(probe, lambda p: p.start(model is not None))
+        if model is not None:
+            self.attach(model, sampled)
+        else:
+            self.begin_step(sampled)
+
+    def attach(self, model: torch.nn.Module, sampled: bool) -> None:
+        """Hook ``model``; a probe that cannot read this model is detached and left out."""
+        for probe in self._all:
+            try:
+                probe.attach(model)
+                probe.begin_step(sampled)
+            except Exception:  # noqa: BLE001 - an unfamiliar model must not stop training
+                log_failure(probe.name)
+                probe.detach()
+
+    def find_model(self, params: list[torch.Tensor]) -> torch.nn.Module | None:
+        """The model owning ``params``, from the first probe that saw it run."""
+        for probe in self._all:
+            model = probe.find_model(params)
+            if model is not None:
+                return model
+        return None
+
+    def detach(self) -> None:
+        for probe in self._all:
+            probe.detach()
+
+    def begin_step(self, sampled: bool) -> None:
+        for probe in self._all:
+            probe.begin_step(sampled)
+
+    def before_update(self, optimizer: torch.optim.Optimizer, plan: StepPlan) -> None:
+        for probe in self._all:
+            self._run(probe, lambda p: p.before_update(optimizer, plan))
+
+    def finish(self, optimizer: torch.optim.Optimizer) -> StepValues:
+        """Every probe's values of the sampled step, then the every-step counters."""
+        values = StepValues()
+        for probe in self._all:
+            values.extend(self._run(probe, lambda p: p.finish(optimizer)) or StepValues())
+        values.extend(self.tally())
+        return values
+
+    def tally(self) -> StepValues:
+        values = StepValues()
+        for probe in self._counting:
+            values.extend(self._run(probe, lambda p: p.tally()) or StepValues())
+        return values
+
+    def take_host_seconds(self) -> float:
+        """Host time the probes spent in the training loop's calls since the last take."""
+        total = 0.0
+        for probe in self._all:
+            total, probe.host_seconds = total + probe.host_seconds, 0.0
+        return total
+
+    @staticmethod
+    def _run(probe: P, action: Callable[[P], StepValues | None]) -> StepValues | None:
+        try:
+            return action(probe)
+        except Exception:  # noqa: BLE001 - never raise into the training loop
+            log_failure(probe.name)
+            probe.reset()
+            return None

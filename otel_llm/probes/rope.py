@@ -21,7 +21,8 @@ import torch
 
 from otel_llm.catalog import ROPE_ANGLE_DEVIATION
 from otel_llm.config import Config
-from otel_llm.probes.base import ModelProbe, StepValues
+from otel_llm.probes.base import Probe, StepValues
+from otel_llm.runtime.log_once import LogOnce
 
 __all__ = ["RopeProbe", "angle_deviation", "rotary_modules"]
 
@@ -51,7 +52,7 @@ def angle_deviation(cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Te
     return wrapped.abs().amax()
 
 
-class RopeProbe(ModelProbe):
+class RopeProbe(Probe):
     """Max rotary angle error over the sampled step's rotary-embedding calls."""
 
     name = "rope"
@@ -59,18 +60,12 @@ class RopeProbe(ModelProbe):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.skipped_calls = 0
-        self._handles: list[Any] = []
+        self._skips_logged = LogOnce()
         self._max: torch.Tensor | None = None
 
     def attach(self, model: torch.nn.Module) -> None:
         for module in rotary_modules(model):
-            self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
-
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self.reset()
+            self.hook(module.register_forward_hook(self._on_forward, with_kwargs=True))
 
     def _on_forward(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                     output: Any) -> None:
@@ -84,10 +79,10 @@ class RopeProbe(ModelProbe):
             self._max = deviation if self._max is None else torch.maximum(self._max, deviation)
         except Exception as exc:  # noqa: BLE001 - never raise into the forward pass
             self.skipped_calls += 1
-            if self.skipped_calls == 1:
-                _logger.warning("otel_llm: rotary embedding call skipped (%s); further ones silently", exc)
+            self._skips_logged(_logger, logging.WARNING, "skipped",
+                               "otel_llm: rotary embedding call skipped (%s); further ones silently", exc)
 
-    def finish(self) -> StepValues:
+    def finish(self, optimizer: torch.optim.Optimizer) -> StepValues:
         values = StepValues()
         if self._max is not None:
             values.gauge(ROPE_ANGLE_DEVIATION, self._max)

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn.modules import module as nn_module
-from torch.utils.hooks import RemovableHandle
 
-__all__ = ["TokenCounter"]
+from otel_llm.catalog import TRAIN_TOKENS
+from otel_llm.probes.base import Probe, StepValues
+
+if TYPE_CHECKING:
+    from otel_llm.config import Config
+
+__all__ = ["TokenProbe"]
 
 
 _ID_NAMES = ("input_ids", "idx", "tokens", "input")
@@ -42,13 +47,20 @@ def _count(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | torch.Tensor 
     return None
 
 
-class TokenCounter:
-    """Accumulates tokens of training forward passes until ``take()`` reads them."""
+class TokenProbe(Probe):
+    """Accumulates tokens of training forward passes until :meth:`tally` reads them.
 
-    def __init__(self) -> None:
+    Always built: in zero-code mode it is what finds the model.
+    """
+
+    name = "tokens"
+    always = True
+    every_step = True
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
         self._host = 0
         self._device: torch.Tensor | None = None
-        self._handles: list[RemovableHandle] = []
         self._depth = threading.local()
         self._roots: list[weakref.ref[torch.nn.Module]] = []
         self.model: weakref.ref[torch.nn.Module] | None = None
@@ -65,19 +77,21 @@ class TokenCounter:
         if module.training and torch.is_grad_enabled():
             self._add(args, kwargs)
 
+    def start(self, model_known: bool) -> None:
+        if not model_known:
+            self._discover()
+
     def attach(self, model: torch.nn.Module) -> None:
         """Count the tokens of ``model``'s training forward calls."""
-        self.detach()
+        self._unhook()
         self.model = weakref.ref(model)
-        self._handles.append(model.register_forward_hook(self._on_model_forward, with_kwargs=True))
+        self.hook(model.register_forward_hook(self._on_model_forward, with_kwargs=True))
 
     # -- zero-code discovery -------------------------------------------------
-    def discover(self) -> None:
-        """Install the global depth-tracking hooks until :meth:`adopt` finds the model."""
-        self.detach()
-        self._handles.append(nn_module.register_module_forward_pre_hook(self._on_enter))
-        self._handles.append(nn_module.register_module_forward_hook(self._on_exit, with_kwargs=True,
-                                                                    always_call=True))
+    def _discover(self) -> None:
+        """Install the global depth-tracking hooks until :meth:`find_model` finds the model."""
+        self.hook(nn_module.register_module_forward_pre_hook(self._on_enter))
+        self.hook(nn_module.register_module_forward_hook(self._on_exit, with_kwargs=True, always_call=True))
 
     def _on_enter(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
         self._depth.value = getattr(self._depth, "value", 0) + 1
@@ -90,27 +104,36 @@ class TokenCounter:
             if not any(ref() is module for ref in self._roots):
                 self._roots.append(weakref.ref(module))
 
-    def adopt(self, params: list[torch.Tensor]) -> torch.nn.Module | None:
-        """Pick the outermost module seen that owns any of ``params`` and keep only its hook."""
+    def find_model(self, params: list[torch.Tensor]) -> torch.nn.Module | None:
+        """The outermost module seen that owns any of ``params``; the discovery hooks go either way.
+
+        The session attaches every probe, this one included, to the module found.
+        """
         wanted = {id(p) for p in params}
+        found = None
         for ref in reversed(self._roots):
             module = ref()
             if module is not None and any(id(p) in wanted for p in module.parameters()):
-                self.attach(module)
-                self._roots.clear()
-                return module
-        self.detach()
+                found = module
+                break
+        self._unhook()
         self._roots.clear()
-        return None
+        return found
 
-    def take(self) -> tuple[int, torch.Tensor | None]:
-        """Tokens counted since the last take: a host part and a device part."""
+    def tally(self) -> StepValues:
+        """Tokens counted since the last tally: a host part and a device part (read off-thread)."""
+        values = StepValues()
         host, device = self._host, self._device
         self._host, self._device = 0, None
-        return host, device
+        if host:
+            values.count(TRAIN_TOKENS, host)
+        if device is not None:
+            values.count(TRAIN_TOKENS, device)
+        return values
+
+    def _unhook(self) -> None:
+        super().detach()
 
     def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._unhook()
         self.model = None

@@ -34,7 +34,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families as parse_classic
 
 import otel_llm
-from otel_llm.views import OVERFLOW_ATTRIBUTE
+from otel_llm.export.views import OVERFLOW_ATTRIBUTE
 from tests.models import GPT
 from tests.support.backends import free_port, promtool_check_metrics, require_binary
 from tests.support.load import burst, sustained

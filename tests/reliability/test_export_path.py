@@ -27,7 +27,8 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality, NumberDataPoint
 
 import otel_llm
-from otel_llm import _log_limits, _termination
+from otel_llm.export import log_limits as _log_limits
+from otel_llm.runtime import termination as _termination
 from tests.support.backends import free_port
 from tests.support.collectors import (
     Blackhole,
@@ -50,7 +51,7 @@ TOKEN = "tok-3f9c1d7be02a44c1"
 TLS_RECORD = b"\x16"
 """First byte of every TLS handshake record; a plaintext gRPC or HTTP request starts with 'P'."""
 
-EXPORT_PATH = ("opentelemetry", "grpc", "urllib3", "requests", "otel_llm.provider")
+EXPORT_PATH = ("opentelemetry", "grpc", "urllib3", "requests", "otel_llm.export.provider")
 """Loggers of the export path (other otel_llm warnings, e.g. a signal's anomaly, are not its noise)."""
 _OUTER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 
@@ -356,7 +357,7 @@ import atexit, os, signal, sys, time
 atexit.register(lambda: print(f"telemetry-closed {time.monotonic()!r}", flush=True))  # runs after otel_llm's
 import torch
 import otel_llm
-from otel_llm.instruments import Publisher
+from otel_llm.pipeline.publisher import Publisher
 
 steps, pause_every, pause, signal_in_step = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(1)

@@ -37,12 +37,12 @@ from otel_llm.catalog import (
     PARAM_UPDATE_RATIO,
     TRAIN_LOSS,
 )
-from otel_llm.instruments import Publisher
-from otel_llm.probes import base
+from otel_llm.pipeline.publisher import Publisher
 from otel_llm.probes.activations import ActivationProbe
 from otel_llm.probes.attention import AttentionProbe
 from otel_llm.probes.loss import LossProbe
 from otel_llm.probes.optimizer import OptimizerProbe
+from otel_llm.runtime.log_once import once
 from tests.attention_reference import Capture
 from tests.conftest import Harness, rel_close
 from tests.models import GPT, padded_rows, tiny_lora_llama
@@ -59,7 +59,7 @@ GRAD_THRESHOLD = 1e-5
 @pytest.fixture(autouse=True)
 def fresh_failure_log(monkeypatch: pytest.MonkeyPatch) -> None:
     """Probe failures are logged once per process; each test starts as a fresh process would."""
-    monkeypatch.setattr(base, "_failed", set())
+    monkeypatch.setattr(once, "_seen", set())
 
 
 def gpt_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,8 +308,8 @@ def boom(*args: Any, **kwargs: Any) -> Any:
 RAISING = [  # (class, method, probe name in the log, signal it takes away, signal that stays)
     (LossProbe, "on_call", "loss", "llm.loss.token", "llm.grad.norm"),
     (LossProbe, "finish", "loss", "llm.train.loss", "llm.attention.logit_max"),
-    (OptimizerProbe, "pre_step", "optimizer", "llm.grad.norm", "llm.train.loss"),
-    (OptimizerProbe, "post_step", "optimizer", "llm.param.update_ratio", "llm.activation.sparsity"),
+    (OptimizerProbe, "before_update", "optimizer", "llm.grad.norm", "llm.train.loss"),
+    (OptimizerProbe, "finish", "optimizer", "llm.param.update_ratio", "llm.activation.sparsity"),
     (ActivationProbe, "_layer", "activations", "llm.activation.outlier_ratio", "llm.attention.sink_ratio"),
     (AttentionProbe, "_on_call", "attention", "llm.attention.logit_max", "llm.activation.sparsity"),
     (AttentionProbe, "finish", "attention", "llm.attention.head_entropy", "llm.loss.token"),
@@ -344,7 +344,7 @@ def test_a_failing_exporter_thread_logs_once_and_training_goes_on(harness, caplo
     train_gpt(model, optimizer, steps=5)
     h.collect()
     assert h.session.step == 5
-    assert [r.getMessage() for r in caplog.records if r.name == "otel_llm.instruments"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "otel_llm.pipeline.publisher"] == [
         "otel_llm: failed to record step telemetry"]
 
 
@@ -427,7 +427,7 @@ def test_no_host_device_sync_on_non_sampled_steps(harness, setup):
         per_step.append(counter.calls)
     assert per_step[1:SYNC_INTERVAL] == [[]] * (SYNC_INTERVAL - 1)
     # the single transfer of a sampled step (step 0 also converts thresholds to the activations' dtype once)
-    assert per_step[SYNC_INTERVAL] == [("cpu", "snapshot.py:transfer"), ("numpy", "snapshot.py:transfer")]
+    assert per_step[SYNC_INTERVAL] == [("cpu", "transfer.py:transfer"), ("numpy", "transfer.py:transfer")]
     m = h.collect()
     assert m.value("llm.train.steps") == SYNC_INTERVAL + 1
     assert signals <= m.names()

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import otel_llm
-from otel_llm.kv_cache import KvCacheWindow
+from otel_llm.pipeline.publisher import KvCacheWindow
 from tests.conftest import Harness
 from tests.models import GPT
 from tests.support.receivers import HttpMetricsReceiver

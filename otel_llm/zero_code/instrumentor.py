@@ -14,9 +14,9 @@ from typing import Any
 
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 
-from otel_llm import distro
+from otel_llm.zero_code import distro
 from otel_llm.config import Config
-from otel_llm.rank import is_launcher
+from otel_llm.runtime.rank import is_launcher
 from otel_llm.session import Instrumentation
 
 __all__ = ["TorchInstrumentor"]

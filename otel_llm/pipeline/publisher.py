@@ -1,11 +1,12 @@
-"""OTel instruments from the catalog, fed off the training thread.
+"""The publisher: OTel instruments from the catalog, fed off the training thread.
 
 The training thread only enqueues host values (:class:`Publication`); a daemon
 thread records counters and histograms and swaps in the new :class:`Snapshot`
 that observable-gauge callbacks read. NaN/Inf never reach the SDK: they are
 dropped, and ``llm.telemetry.nonfinite{llm.signal}`` counts one event per
 signal per sampled step that had any, gauge or histogram, whatever the number
-of layers or measurements affected.
+of layers or measurements affected. KV-cache updates are recorded as they come
+(generation has no steps), with the sliding-window hit ratio (#16).
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
-from otel_llm import _fork
-from otel_llm.anomaly import AnomalyMonitor
+from otel_llm.runtime import fork
+from otel_llm.pipeline.anomaly import AnomalyMonitor
 from otel_llm.catalog import (
     ANOMALY_EVENTS,
     ATTR_SIGNAL,
@@ -34,31 +36,74 @@ from otel_llm.catalog import (
     TELEMETRY_OVERHEAD,
     TELEMETRY_SAMPLED_STEPS,
     TRAIN_STEP_DURATION,
-    TRAIN_STEPS,
-    TRAIN_TOKENS,
     MetricSpec,
 )
-from otel_llm.kv_cache import KvCacheWindow
-from otel_llm.snapshot import Publication, Snapshot
+from otel_llm.pipeline.transfer import Publication, Snapshot
+from otel_llm.runtime.log_once import LogOnce
 
-__all__ = ["Publisher", "create_instrument"]
+__all__ = ["KvCacheWindow", "Publisher", "Recorder", "create_recorder"]
 
 _logger = logging.getLogger(__name__)
 _QUEUE_LIMIT = 256
 
+Recorder = Callable[[float, Mapping[str, str]], None]
+"""Records one value with attributes into a synchronous instrument, whatever its kind."""
 
-def create_instrument(meter: Meter, spec: MetricSpec) -> Any:
-    """A synchronous instrument for ``spec`` (observable gauges are created by the publisher)."""
+
+def create_recorder(meter: Meter, spec: MetricSpec) -> Recorder:
+    """A synchronous instrument for ``spec`` behind one call (observable gauges are the publisher's).
+
+    Counters and histograms refuse negative values with ValueError: the SDK would
+    drop them with a log line each.
+    """
     common = {"name": spec.name, "unit": spec.unit, "description": spec.description}
     if spec.instrument == "counter":
-        return meter.create_counter(**common)
+        counter = meter.create_counter(**common)
+        return lambda value, attributes: counter.add(_at_least_zero(spec, value), attributes)
     if spec.instrument == "up_down_counter":
-        return meter.create_up_down_counter(**common)
+        return meter.create_up_down_counter(**common).add
     if spec.instrument == "histogram":
-        return meter.create_histogram(**common, explicit_bucket_boundaries_advisory=spec.buckets)
+        histogram = meter.create_histogram(**common, explicit_bucket_boundaries_advisory=spec.buckets)
+        return lambda value, attributes: histogram.record(_at_least_zero(spec, value), attributes)
     if spec.instrument == "gauge":
-        return meter.create_gauge(**common)
+        return meter.create_gauge(**common).set
     raise ValueError(f"{spec.name}: {spec.instrument} is not a synchronous instrument")
+
+
+def _at_least_zero(spec: MetricSpec, value: float) -> float:
+    if value < 0:
+        noun = "counter; it cannot decrease by" if spec.instrument == "counter" else \
+            "histogram; negative values are not representable:"
+        raise ValueError(f"{spec.name} is a {noun} {value}")
+    return value
+
+
+class KvCacheWindow:
+    """Reused / (reused + added) over the last ``size`` cache updates, kept as running sums."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._updates: deque[tuple[int, int]] = deque()
+        self._size = size
+        self._reused = 0
+        self._total = 0
+        self._lock = threading.Lock()
+
+    def update(self, reused: int, added: int) -> None:
+        if reused < 0 or added < 0:
+            raise ValueError(f"KV-cache counts must be >= 0, got reused={reused}, added={added}")
+        with self._lock:
+            self._updates.append((reused, reused + added))
+            self._reused += reused
+            self._total += reused + added
+            if len(self._updates) > self._size:
+                old_reused, old_total = self._updates.popleft()
+                self._reused -= old_reused
+                self._total -= old_total
+
+    def ratio(self) -> float | None:
+        """The hit ratio, or None before any update with lookups."""
+        with self._lock:
+            return self._reused / self._total if self._total else None
 
 
 class Publisher:
@@ -70,16 +115,15 @@ class Publisher:
         self._flagged = 0
         self._flagged_lock = threading.Lock()
         self._kv = KvCacheWindow()
-        self._sync: dict[str, Any] = {}
+        self._sync: dict[str, Recorder] = {}
         for spec in CATALOG:
             if spec.instrument == "observable_gauge":
                 meter.create_observable_gauge(spec.name, callbacks=[self._gauge_callback(spec.name)],
                                               unit=spec.unit, description=spec.description)
             else:
-                self._sync[spec.name] = create_instrument(meter, spec)
+                self._sync[spec.name] = create_recorder(meter, spec)
         self._queue: queue.Queue[Publication | None] = queue.Queue()
-        self._dropped = False
-        self._record_failed = False
+        self._logged = LogOnce()
         self._thread = threading.Thread(target=self._run, name="otel_llm-publisher", daemon=True)
         self._thread.start()
 
@@ -93,17 +137,12 @@ class Publisher:
 
         return callback
 
-    @property
-    def snapshot(self) -> Snapshot:
-        return self._snapshot
-
     # -- training-thread side -------------------------------------------------
     def submit(self, publication: Publication) -> None:
         """Enqueue without blocking; past the limit publications are dropped (logged once)."""
         if self._queue.qsize() >= _QUEUE_LIMIT:
-            if not self._dropped:
-                _logger.warning("otel_llm: exporter thread is behind; dropping telemetry publications")
-                self._dropped = True
+            self._logged(_logger, logging.WARNING, "dropping",
+                         "otel_llm: exporter thread is behind; dropping telemetry publications")
             return
         self._queue.put_nowait(publication)
 
@@ -128,15 +167,15 @@ class Publisher:
 
     # -- manual recording (caller's thread) -------------------------------------
     def record_kv_cache(self, reused: int, added: int) -> None:
-        if _fork.forked:  # see otel_llm._fork: a worker's recording could wait on a copied lock
+        if fork.forked:  # see otel_llm.runtime.fork: a worker's recording could wait on a copied lock
             return
         self._kv.update(reused, added)
-        self._sync[KV_CACHE_HITS].add(reused)
-        self._sync[KV_CACHE_LOOKUPS].add(reused + added)
+        self._sync[KV_CACHE_HITS](reused, {})
+        self._sync[KV_CACHE_LOOKUPS](reused + added, {})
 
     def count_nonfinite(self, signal: str) -> None:
-        if not _fork.forked:
-            self._sync[TELEMETRY_NONFINITE].add(1, {ATTR_SIGNAL: signal})
+        if not fork.forked:
+            self._sync[TELEMETRY_NONFINITE](1, {ATTR_SIGNAL: signal})
 
     # -- exporter thread --------------------------------------------------------
     def _run(self) -> None:
@@ -147,9 +186,9 @@ class Publisher:
                     return
                 self._record(publication)
             except Exception:  # noqa: BLE001 - the exporter thread must survive anything
-                if not self._record_failed:  # once: a lasting failure would log a traceback every sampled step
-                    self._record_failed = True
-                    _logger.warning("otel_llm: failed to record step telemetry", exc_info=True)
+                # once: a lasting failure would log a traceback every sampled step
+                self._logged(_logger, logging.WARNING, "record failed", "otel_llm: failed to record step telemetry",
+                             exc_info=True)
             finally:
                 self._queue.task_done()
 
@@ -166,18 +205,15 @@ class Publisher:
 
     def _record(self, publication: Publication) -> None:
         sync = self._sync
-        if publication.steps:
-            sync[TRAIN_STEPS].add(publication.steps)
-        tokens = publication.tokens
-        if publication.device_tokens is not None:
-            tokens += int(publication.device_tokens)
-        if tokens:
-            sync[TRAIN_TOKENS].add(tokens)
+        for name, attributes, increment in publication.counters:
+            count = int(increment)  # a device count of a non-sampled step is read here, off the training thread
+            if count:
+                sync[name](count, attributes)
         for duration in publication.durations:
-            sync[TRAIN_STEP_DURATION].record(duration)
+            sync[TRAIN_STEP_DURATION](duration, {})
         if not publication.sampled:
             return
-        sync[TELEMETRY_SAMPLED_STEPS].add(1)
+        sync[TELEMETRY_SAMPLED_STEPS](1, {})
         nonfinite: set[str] = set()  # once per signal, however many of its layers or measurements
         for name, attributes, measurements in publication.histograms:
             instrument = sync.get(name)
@@ -187,13 +223,13 @@ class Publisher:
             if finite.size < measurements.size:
                 nonfinite.add(name)
             for value in finite[finite >= 0].tolist():
-                instrument.record(value, attributes)
+                instrument(value, attributes)
         for name in nonfinite:
             self.count_nonfinite(name)
         if publication.overhead is not None:
-            sync[TELEMETRY_OVERHEAD].record(publication.overhead)
+            sync[TELEMETRY_OVERHEAD](publication.overhead, {})
         gauges = self._finite_gauges(publication)
-        self._snapshot = Snapshot(publication.step, gauges)
+        self._snapshot = Snapshot(gauges)
         if self._anomalies is not None:
             self._flag_anomalies(self._anomalies, publication.step, gauges)
 
@@ -201,7 +237,7 @@ class Publisher:
                         gauges: Mapping[str, Iterable[tuple[Mapping[str, str], float]]]) -> None:
         flagged = monitor.observe(step, gauges)
         for anomaly in flagged:
-            self._sync[ANOMALY_EVENTS].add(1, {ATTR_SIGNAL: anomaly.signal})
+            self._sync[ANOMALY_EVENTS](1, {ATTR_SIGNAL: anomaly.signal})
             _logger.warning("otel_llm: anomaly in %s%s at step %d (SAX distance %.3g > %.3g)", anomaly.signal,
                             dict(anomaly.attributes) or "", anomaly.step, anomaly.score, monitor.threshold)
         if flagged:

@@ -12,7 +12,7 @@ Built so the export path can never hurt training:
   more tightly when the collector already failed (a stopping job must not wait
   on a collector that is down or never answers);
 * while the OTLP exporter lives, its failures are logged at most once a minute
-  per kind and the OTLP header values never reach a log (:mod:`otel_llm._log_limits`).
+  per kind and the OTLP header values never reach a log (:mod:`otel_llm.export.log_limits`).
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.resources import Resource
 
-from otel_llm import _log_limits, _prometheus_server
+from otel_llm.export import log_limits, prometheus
 from otel_llm.catalog import MetricSpec
 from otel_llm.config import Config
-from otel_llm.rank import RankInfo, exports, rank_info
-from otel_llm.views import build_views
+from otel_llm.runtime.rank import RankInfo, exports, rank_info
+from otel_llm.export.views import build_views
 
 __all__ = ["ProviderBundle", "build_provider", "run_bounded"]
 
@@ -91,7 +91,7 @@ class ForkSafeExporter(MetricExporter):
             return MetricExportResult.SUCCESS
         self._export_started = time.monotonic()
         try:
-            with _log_limits.export_scope():
+            with log_limits.export_scope():
                 self.last_result = self._inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
         finally:
             self._export_started = None
@@ -129,15 +129,15 @@ def _otlp_exporter() -> MetricExporter:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
             OTLPMetricExporter,  # type: ignore[assignment]
         )
-    _log_limits.attach()
+    log_limits.attach()
     try:
         if protocol == "grpc":
             return OTLPMetricExporter()
-        from otel_llm._otlp_http_session import pinned_session_if_configured
+        from otel_llm.export.otlp_http import pinned_session_if_configured
 
         return OTLPMetricExporter(session=pinned_session_if_configured())
     except BaseException:
-        _log_limits.detach()
+        log_limits.detach()
         raise
 
 
@@ -201,11 +201,11 @@ class ProviderBundle:
                 provider.shutdown(timeout_millis=timeout * 1000)
             finally:
                 if owns_log_filter:  # only once the exporter is done, however long an abandoned one takes
-                    _log_limits.detach()
+                    log_limits.detach()
 
         done = run_bounded(close, timeout, "shutdown")
         if self.prometheus_endpoint is not None:
-            _prometheus_server.release(*self.prometheus_endpoint)
+            prometheus.release(*self.prometheus_endpoint)
         return done
 
 
@@ -214,7 +214,7 @@ def _prometheus_reader(config: Config, ranks: RankInfo) -> tuple[MetricReader, t
 
     port = config.prometheus_port + ranks.local_rank if config.prometheus_port else 0
     try:
-        bound = _prometheus_server.acquire(config.prometheus_host, port)
+        bound = prometheus.acquire(config.prometheus_host, port)
     except OSError as exc:
         _logger.warning(
             "otel_llm: cannot serve Prometheus on %s:%d (%s); exporting through OTLP only. "

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from otel_llm.probes.attention_calls import AttentionCall, ScoresCall
+from otel_llm.probes._attention_calls import AttentionCall, ScoresCall
 
 __all__ = ["LayerStatistics", "query_positions"]
 

@@ -17,8 +17,8 @@ from opentelemetry.instrumentation.distro import BaseDistro
 from opentelemetry.sdk._configuration import _BaseConfigurator
 
 from otel_llm.config import Config
-from otel_llm.provider import ProviderBundle, build_provider
-from otel_llm.rank import is_launcher
+from otel_llm.export.provider import ProviderBundle, build_provider
+from otel_llm.runtime.rank import is_launcher
 from otel_llm.schema import load_schema
 
 __all__ = ["OtelLlmConfigurator", "OtelLlmDistro", "take_configured_bundle"]

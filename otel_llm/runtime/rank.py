@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["RankInfo", "exports", "is_launcher", "rank_info"]
+__all__ = ["RankInfo", "data_parallel_world", "exports", "is_launcher", "rank_info"]
 
 
 @dataclass(frozen=True)
@@ -48,3 +48,16 @@ def is_launcher() -> bool:
 
     program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     return program == "torchrun" or (program == "run.py" and "torch/distributed" in sys.argv[0].replace("\\", "/"))
+
+
+def data_parallel_world() -> int:
+    """World size of the default process group, 1 when torch.distributed is not initialised.
+
+    Looked up at each use, not once: zero-code sessions start before the script
+    calls ``init_process_group``.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1

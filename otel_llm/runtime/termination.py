@@ -33,7 +33,8 @@ __all__ = ["install_sigterm_handler"]
 
 RETRY_SECONDS = 0.005
 """Delay before a signal that landed inside telemetry code is sent again."""
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+"""otel_llm's own folder (this module lives one level below it)."""
 _OPENTELEMETRY_DIR = f"{os.sep}opentelemetry{os.sep}"
 
 _action: Callable[[], object] | None = None

@@ -29,7 +29,7 @@ from urllib.parse import unquote
 __all__ = ["ExportLogFilter", "attach", "detach", "export_scope", "header_secrets"]
 
 EXPORT_PATH_LOGGER_PREFIXES = ("opentelemetry.exporter.otlp", "opentelemetry.exporter.http",
-                               "opentelemetry.sdk.metrics", "opentelemetry.util.re", "otel_llm.provider")
+                               "opentelemetry.sdk.metrics", "opentelemetry.util.re", "otel_llm.export.provider")
 """Loggers the filter is attached to (every existing logger whose name starts with one of these)."""
 
 HEADER_VARIABLES = ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_METRICS_HEADERS")

@@ -17,7 +17,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from otel_llm.environment_variables import OTEL_LLM_LAYERS_PATH
-from otel_llm.probes.layers import LayerIndex, find_layer_stack
+from otel_llm.probes._layers import LayerIndex, find_layer_stack
 
 __all__ = ["TokenMask", "first_tensor", "in_backward", "in_step_forward", "layer_index"]
 

@@ -1,8 +1,12 @@
-"""The HTTP server behind the Prometheus endpoint: prometheus_client's app, made safe for concurrent scrapers.
+"""The Prometheus HTTP endpoint: one per (host, port), owned by one otel_llm session.
 
-prometheus_client's WSGI app negotiates the format (OpenMetrics text when the
-scraper sends ``Accept: application/openmetrics-text``, classic text 0.0.4
-otherwise). Around it, two changes to what ``start_http_server`` would give:
+Two otel_llm sessions never share an endpoint: their readers would both emit
+``target_info`` and the same families, an invalid exposition.
+
+The server is prometheus_client's WSGI app, which negotiates the format
+(OpenMetrics text when the scraper sends ``Accept: application/openmetrics-text``,
+classic text 0.0.4 otherwise), with two changes to what ``start_http_server``
+would give:
 
 * a listen backlog of :data:`LISTEN_BACKLOG` instead of socketserver's 5. With 5,
   a burst of scrapers (Prometheus replicas, an agent restart, a human with
@@ -14,13 +18,15 @@ otherwise). Around it, two changes to what ``start_http_server`` would give:
 
 from __future__ import annotations
 
+import errno
+import logging
 import socket
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-__all__ = ["LISTEN_BACKLOG", "SharedScrapes", "start"]
+__all__ = ["LISTEN_BACKLOG", "PortInUse", "SharedScrapes", "acquire", "release"]
 
 LISTEN_BACKLOG = 128
 """Connections the kernel queues before the server accepts them (``listen()`` backlog)."""
@@ -99,7 +105,7 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def start(host: str, port: int) -> WSGIServer:
+def _start(host: str, port: int) -> WSGIServer:
     """Serve prometheus_client's default registry on host:port from daemon threads.
 
     Raises OSError when the address cannot be bound (``errno.EADDRINUSE`` for a taken port).
@@ -115,3 +121,56 @@ def start(host: str, port: int) -> WSGIServer:
     threading.Thread(target=httpd.serve_forever, name=f"otel_llm-prometheus-{httpd.server_address[1]}",
                      daemon=True).start()
     return httpd
+
+_logger = logging.getLogger(__name__)
+_lock = threading.Lock()
+_servers: dict[tuple[str, int], Any] = {}
+"""(host, port) -> the server otel_llm started there, or None when this process already listened."""
+
+
+class PortInUse(OSError):
+    """The endpoint's port is taken (by another process or another otel_llm session)."""
+
+
+def _listening_here(port: int) -> bool:
+    """True when this very process already listens on ``port`` (e.g. the SDK's own Prometheus reader)."""
+    try:
+        import psutil
+
+        return any(conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN
+                   for conn in psutil.Process().net_connections(kind="tcp"))
+    except Exception:  # noqa: BLE001 - psutil missing or not permitted: assume it is not ours
+        return False
+
+
+def acquire(host: str, port: int) -> int:
+    """Serve the default prometheus_client registry on host:port; return the bound port.
+
+    A port this process already listens on outside otel_llm (the SDK's own
+    Prometheus reader serves the same registry) is shared. Raises
+    :class:`PortInUse` when another process or another otel_llm session holds it.
+    """
+    with _lock:
+        if (host, port) in _servers:
+            raise PortInUse(errno.EADDRINUSE, f"port {port} on {host} is served by another otel_llm session")
+        try:
+            httpd = _start(host, port)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            if not _listening_here(port):
+                raise PortInUse(exc.errno, f"port {port} on {host} is in use by another process") from None
+            _logger.info("otel_llm: port %d is already served by this process; sharing it", port)
+            httpd = None
+        bound = httpd.server_address[1] if httpd is not None else port
+        _servers[(host, bound)] = httpd
+        return bound
+
+
+def release(host: str, port: int) -> None:
+    """Stop the endpoint started by :func:`acquire` (a shared foreign listener is left alone)."""
+    with _lock:
+        httpd = _servers.pop((host, port), None)
+    if httpd is not None:
+        httpd.shutdown()
+        httpd.server_close()

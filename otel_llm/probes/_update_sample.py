@@ -10,16 +10,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["CoordinateSample", "data_parallel_world", "variance_ratio_from_sums"]
+from otel_llm.runtime.rank import data_parallel_world
 
-
-def data_parallel_world() -> int:
-    """World size of the default process group, 1 when torch.distributed is not initialised."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
+__all__ = ["CoordinateSample", "variance_ratio_from_sums"]
 
 
 def variance_ratio_from_sums(sum_delta: torch.Tensor, sum_sq: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -64,11 +57,7 @@ class CoordinateSample:
         return torch.cat([p.to(device, torch.float64) for p in parts])
 
     def variance_ratio(self, deltas: list[torch.Tensor]) -> torch.Tensor:
-        """#4 for this step: 0 with one rank, else one all-reduce of (delta, delta^2) on the default group.
-
-        The process group is looked up now, not at construction, because zero-code
-        sessions start before the script calls ``init_process_group``.
-        """
+        """#4 for this step: 0 with one rank, else one all-reduce of (delta, delta^2) on the default group."""
         world = data_parallel_world()
         if world <= 1:
             return torch.zeros((), dtype=torch.float64, device=deltas[0].device)

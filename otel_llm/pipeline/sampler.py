@@ -2,9 +2,15 @@
 
 ``is_sampled(step)`` must be answerable before the step's forward pass, so it
 depends only on the sampler's state. Adaptive state changes only in ``update``,
-called at the end of a sampled step with inputs every rank agrees on (one
-all-reduce); every data-parallel rank therefore samples the same steps and no
-rank ever enters a telemetry collective the others skip.
+called at the end of a sampled step with inputs every rank agrees on; every
+data-parallel rank therefore samples the same steps and no rank ever enters a
+telemetry collective the others skip.
+
+The agreement: every rank encodes [loss, non-finite flag, anomaly flag, memory
+pressure] of its sampled step into a device vector (:meth:`SamplingInputs.encode`);
+one MAX all-reduce makes it equal everywhere, and the vector then rides along
+in the step's single device-to-host transfer, so agreeing costs no extra sync;
+:meth:`SamplingInputs.decode` reads it back.
 """
 
 from __future__ import annotations
@@ -15,6 +21,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
+
+from otel_llm.catalog import GRAD_NORM, MEMORY_PRESSURE, TRAIN_LOSS
+from otel_llm.probes.base import StepValues
+from otel_llm.runtime.rank import data_parallel_world
 
 if TYPE_CHECKING:
     from otel_llm.config import Config
@@ -35,11 +46,41 @@ class SamplingInputs:
     anomaly: bool = False
     memory_pressure: float = 0.0
 
+    @staticmethod
+    def encode(values: StepValues, anomalies: int, device: torch.device) -> torch.Tensor:
+        """This rank's inputs as a vector on ``device``, all-reduced (MAX) across data-parallel ranks."""
+        loss = _on_device(values.first(TRAIN_LOSS), device)
+        norm = _on_device(values.first(GRAD_NORM), device)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        for value in (loss, norm):
+            if value is not None:
+                nonfinite = nonfinite | ~torch.isfinite(value)
+        if loss is None:
+            agreed_loss = torch.full((), float("-inf"), dtype=torch.float64, device=device)
+        else:
+            agreed_loss = torch.where(torch.isfinite(loss), loss, float("-inf"))
+        pressure = values.first(MEMORY_PRESSURE)
+        flags = torch.tensor([float(anomalies > 0), float(pressure or 0.0)], dtype=torch.float64).to(device)
+        vector = torch.cat([agreed_loss.reshape(1), nonfinite.double().reshape(1), flags])
+        if data_parallel_world() > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(vector, op=dist.ReduceOp.MAX)
+        return vector
+
     @classmethod
-    def from_vector(cls, vector: np.ndarray) -> SamplingInputs:
-        """Decode the all-reduced [loss, nonfinite, anomaly, pressure] vector (-inf loss: none finite)."""
+    def decode(cls, vector: np.ndarray) -> SamplingInputs:
+        """The agreed inputs from the host copy of :meth:`encode`'s vector (-inf loss: none finite)."""
         loss, nonfinite, anomaly, pressure = (float(v) for v in vector[:4])
         return cls(loss if math.isfinite(loss) else math.nan, nonfinite > 0, anomaly > 0, max(pressure, 0.0))
+
+
+def _on_device(value: torch.Tensor | float | None, device: torch.device) -> torch.Tensor | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device, torch.float64)
+    return torch.tensor(float(value), dtype=torch.float64).to(device)
 
 
 class Sampler:

@@ -1,0 +1,1 @@
+"""From instruments to the outside: the MeterProvider, catalog Views, the Prometheus endpoint, OTLP."""

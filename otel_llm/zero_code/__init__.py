@@ -1,0 +1,1 @@
+"""``opentelemetry-instrument python train.py``: the instrumentor and configurator entry points."""
