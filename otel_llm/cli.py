@@ -8,8 +8,8 @@ import sys
 from collections.abc import Sequence
 
 from otel_llm.catalog import CATALOG
-from otel_llm.ops.docs import config_table, metric_table, signal_guide, threshold_table
 from otel_llm.ops import dashboard, rules
+from otel_llm.ops.docs import config_table, metric_table, signal_guide, threshold_table
 from otel_llm.ops.promql import NAMINGS
 
 __all__ = ["main"]

@@ -29,11 +29,13 @@ from opentelemetry.sdk.environment_variables import (
 
 from otel_llm import environment_variables as env
 from otel_llm.catalog import CATALOG
+from otel_llm.runtime.log_once import LogOnce
 
 __all__ = ["Config", "EXPORTERS", "Source"]
 
 _logger = logging.getLogger(__name__)
-_warned: set[tuple[str, str]] = set()
+_bad_environment = LogOnce()
+"""Each bad (variable, value) is reported once, however many Configs read it."""
 
 EXPORTERS = ("prometheus", "otlp")
 """Readers ``OTEL_METRICS_EXPORTER`` can select (``none`` selects neither)."""
@@ -192,9 +194,8 @@ def _option(env_var: str, parse: Callable[[Any, str], Any], default: Any, help: 
         try:
             return _Filled(parse(raw, env_var), "environment")
         except ValueError as exc:
-            if (env_var, raw) not in _warned:
-                _warned.add((env_var, raw))
-                _logger.warning("otel_llm: ignoring %s=%r (%s); using the default %r", env_var, raw, exc, default)
+            _bad_environment(_logger, logging.WARNING, (env_var, raw),
+                             "otel_llm: ignoring %s=%r (%s); using the default %r", env_var, raw, exc, default)
             return _Filled(default, "default")
 
     return field(default_factory=from_env, metadata={"env": env_var, "parse": parse,

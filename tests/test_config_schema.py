@@ -20,8 +20,8 @@ import torch
 import otel_llm
 from otel_llm import config as config_module
 from otel_llm import environment_variables as env_module
-from otel_llm.zero_code.instrumentor import TorchInstrumentor
 from otel_llm.session import active
+from otel_llm.zero_code.instrumentor import TorchInstrumentor
 from tests.models import GPT
 
 pytestmark = pytest.mark.timeout(60)
@@ -35,7 +35,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("OTEL_") or name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
             monkeypatch.delenv(name)
-    monkeypatch.setattr(config_module, "_warned", set())
+    config_module._bad_environment.forget()
 
 
 def tiny() -> tuple[GPT, torch.optim.Optimizer]:

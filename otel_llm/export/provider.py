@@ -34,11 +34,11 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.resources import Resource
 
-from otel_llm.export import log_limits, prometheus
 from otel_llm.catalog import MetricSpec
 from otel_llm.config import Config
-from otel_llm.runtime.rank import RankInfo, exports, rank_info
+from otel_llm.export import log_limits, prometheus
 from otel_llm.export.views import build_views
+from otel_llm.runtime.rank import RankInfo, exports, rank_info
 
 __all__ = ["ProviderBundle", "build_provider", "run_bounded"]
 

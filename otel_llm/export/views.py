@@ -14,7 +14,6 @@ with attributes log that once per metric (:class:`OverflowLogged`).
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -28,6 +27,7 @@ from opentelemetry.sdk.metrics.view import (
 
 from otel_llm.catalog import CATALOG, MetricSpec
 from otel_llm.config import Config
+from otel_llm.runtime.log_once import LogOnce
 
 __all__ = ["OVERFLOW_ATTRIBUTE", "OverflowLogged", "build_views"]
 
@@ -50,23 +50,16 @@ class OverflowLogged(Aggregation):
 
     def __init__(self, inner: Aggregation) -> None:
         self._inner = inner
-        self._lock = threading.Lock()
-        self._warned = False
+        self._overflowed = LogOnce()
 
     def _create_aggregation(self, instrument: Any, attributes: Any, reservoir_factory: Callable[..., Any],
                             start_time_unix_nano: int) -> Any:
         if attributes and attributes.get(OVERFLOW_ATTRIBUTE) is True:
-            self._warn_once(instrument.name)
+            self._overflowed(_logger, logging.WARNING, "overflow",
+                             "otel_llm: %s has more distinct attribute sets than the SDK keeps per metric (2000 "
+                             "unless configured); the others are now folded into one series labelled %s=true. "
+                             "Record fewer distinct attribute values.", instrument.name, OVERFLOW_ATTRIBUTE)
         return self._inner._create_aggregation(instrument, attributes, reservoir_factory, start_time_unix_nano)
-
-    def _warn_once(self, name: str) -> None:
-        with self._lock:
-            if self._warned:
-                return
-            self._warned = True
-        _logger.warning("otel_llm: %s has more distinct attribute sets than the SDK keeps per metric (2000 unless "
-                        "configured); the others are now folded into one series labelled %s=true. Record fewer "
-                        "distinct attribute values.", name, OVERFLOW_ATTRIBUTE)
 
 
 def _view(spec: MetricSpec, disabled: bool) -> View:

@@ -18,13 +18,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
 
 import numpy as np
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
-from otel_llm.runtime import fork
-from otel_llm.pipeline.anomaly import AnomalyMonitor
 from otel_llm.catalog import (
     ANOMALY_EVENTS,
     ATTR_SIGNAL,
@@ -38,7 +35,9 @@ from otel_llm.catalog import (
     TRAIN_STEP_DURATION,
     MetricSpec,
 )
+from otel_llm.pipeline.anomaly import AnomalyMonitor
 from otel_llm.pipeline.transfer import Publication, Snapshot
+from otel_llm.runtime import fork
 from otel_llm.runtime.log_once import LogOnce
 
 __all__ = ["KvCacheWindow", "Publisher", "Recorder", "create_recorder"]

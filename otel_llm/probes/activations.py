@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
 from otel_llm.catalog import ACTIVATION_OUTLIER_RATIO, ACTIVATION_SPARSITY, ATTR_LAYER
 from otel_llm.config import Config
 from otel_llm.environment_variables import OTEL_LLM_MLP_OUTPUT_PATH

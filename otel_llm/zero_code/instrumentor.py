@@ -14,10 +14,10 @@ from typing import Any
 
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 
-from otel_llm.zero_code import distro
 from otel_llm.config import Config
 from otel_llm.runtime.rank import is_launcher
 from otel_llm.session import Instrumentation
+from otel_llm.zero_code import distro
 
 __all__ = ["TorchInstrumentor"]
 
