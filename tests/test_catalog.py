@@ -76,3 +76,14 @@ def test_thresholds_carry_the_contract_values():
     assert thresholds["llm.telemetry.nonfinite"] == {("warning", "increase", 0.0)}
     entropy = next(s for s in CATALOG if s.name == "llm.attention.head_entropy").thresholds[0]
     assert (entropy.op, entropy.value, entropy.statistic, entropy.for_duration) == (">", 1.8, "p50 per layer", "3m")
+
+
+def test_every_family_has_one_producer_and_every_probe_is_a_family():
+    """A probe's name is its catalog family; the two families without a probe are the session's own."""
+    from otel_llm.probes.registry import PROBES
+
+    probe_names = [cls.name for cls in PROBES]
+    assert len(set(probe_names)) == len(probe_names)
+    families = {spec.family for spec in CATALOG}
+    assert "" not in families
+    assert families == set(probe_names) | {"training", "telemetry"}

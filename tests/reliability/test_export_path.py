@@ -370,7 +370,8 @@ submit = Publisher.submit
 
 def submit_and_signal(publisher, publication):  # runs inside otel_llm's post-step hook, its lock held
     global signalled
-    if publication.steps and publication.step + 1 == signal_in_step:
+    counts_a_step = any(name == "llm.train.steps" for name, _, _ in publication.counters)
+    if counts_a_step and publication.step + 1 == signal_in_step:
         signalled = True
         os.kill(os.getpid(), signal.SIGTERM)
     submit(publisher, publication)
@@ -437,7 +438,9 @@ def test_a_script_exits_within_3_s_of_its_loop_with_a_blackhole_collector(tmp_pa
         otlp_env(monkeypatch, protocol, hole.port)
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "30")
         monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "200")
-        with training_script(tmp_path, steps=1500) as proc:
+        # the pauses make the loop outlast the first export (due at 0.2 s) on any machine: it is in flight,
+        # stuck on the blackhole, when the script exits
+        with training_script(tmp_path, steps=1500, pause_every=500, pause=0.4) as proc:
             loop_end = float(read_until(proc, "loop-end").split()[1])
             closed = float(read_until(proc, "telemetry-closed").split()[1])
             proc.wait(30)
