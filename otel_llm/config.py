@@ -17,7 +17,7 @@ import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from opentelemetry.environment_variables import OTEL_METRICS_EXPORTER
 from opentelemetry.sdk.environment_variables import (
@@ -209,6 +209,9 @@ class Config:
     :meth:`source` tells where each value came from. ``dataclasses.replace``
     passes every field, so all values of its result are explicit.
     """
+
+    if TYPE_CHECKING:  # set in __post_init__, not a field: equality and repr leave it out
+        _sources: ClassVar[dict[str, Source]]
 
     sampling: str = _option(
         env.OTEL_LLM_SAMPLING, _choice("adaptive", "fixed"), "adaptive",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install the test dependencies (torch 2.13.0 CPU, transformers, peft, the OTel stack,
-# Prometheus/promtool/VictoriaMetrics binaries) and run the whole test suite.
+# Install the test dependencies (torch 2.13.0 CPU, transformers, peft, the OTel stack, mypy,
+# Prometheus/promtool/VictoriaMetrics binaries), type-check the package and run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,4 +9,5 @@ python3 -m venv .venv
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
 .venv/bin/python -m pip install --quiet -e ".[test]"
 bash scripts/fetch_backends.sh
+.venv/bin/python -m mypy
 HF_HUB_OFFLINE=1 exec .venv/bin/python -m pytest -p no:cacheprovider "$@"

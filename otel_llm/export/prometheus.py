@@ -116,8 +116,8 @@ def _start(host: str, port: int) -> WSGIServer:
     family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     server_class = type("ScrapeServer", (ThreadingWSGIServer,),
                         {"address_family": family, "request_queue_size": LISTEN_BACKLOG})
-    httpd = make_server(sockaddr[0], port, SharedScrapes(make_wsgi_app(REGISTRY)), server_class,
-                        handler_class=_QuietHandler)
+    httpd: WSGIServer = make_server(str(sockaddr[0]), port, SharedScrapes(make_wsgi_app(REGISTRY)), server_class,
+                                    handler_class=_QuietHandler)
     threading.Thread(target=httpd.serve_forever, name=f"otel_llm-prometheus-{httpd.server_address[1]}",
                      daemon=True).start()
     return httpd

@@ -124,19 +124,21 @@ def _otlp_exporter() -> MetricExporter:
     if protocol not in ("grpc", "http/protobuf"):
         _logger.warning("otel_llm: unsupported OTLP protocol %r; using grpc", protocol)
         protocol = "grpc"
+    build: Callable[[], MetricExporter]
     if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
+
+        build = GrpcExporter
     else:
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
-            OTLPMetricExporter,  # type: ignore[assignment]
-        )
-    log_limits.attach()
-    try:
-        if protocol == "grpc":
-            return OTLPMetricExporter()
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
+
         from otel_llm.export.otlp_http import pinned_session_if_configured
 
-        return OTLPMetricExporter(session=pinned_session_if_configured())
+        def build() -> MetricExporter:
+            return HttpExporter(session=pinned_session_if_configured())
+    log_limits.attach()
+    try:
+        return build()
     except BaseException:
         log_limits.detach()
         raise

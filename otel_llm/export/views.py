@@ -65,7 +65,8 @@ class OverflowLogged(Aggregation):
 def _view(spec: MetricSpec, disabled: bool) -> View:
     if disabled:
         return View(instrument_name=spec.name, aggregation=DropAggregation())
-    aggregation = ExplicitBucketHistogramAggregation(list(spec.buckets)) if spec.buckets is not None else None
+    aggregation: Aggregation | None = (ExplicitBucketHistogramAggregation(list(spec.buckets))
+                                       if spec.buckets is not None else None)
     if spec.attributes:  # without attributes a metric has one attribute set and cannot overflow
         aggregation = OverflowLogged(aggregation or DefaultAggregation())
     return View(instrument_name=spec.name, attribute_keys=set(spec.attributes), aggregation=aggregation)

@@ -127,7 +127,7 @@ class Publisher:
         self._thread.start()
 
     # -- gauges ---------------------------------------------------------------
-    def _gauge_callback(self, name: str):  # noqa: ANN202 - SDK callback signature
+    def _gauge_callback(self, name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def callback(options: CallbackOptions) -> Iterable[Observation]:
             if name == KV_CACHE_HIT_RATIO:
                 ratio = self._kv.ratio()

@@ -86,7 +86,7 @@ class LayerIndex:
             _logger.info("otel_llm: no decoder layer stack found in %s; set OTEL_LLM_LAYERS_PATH to name it",
                          type(model).__name__)
             return
-        for index, layer in enumerate(found[1]):
+        for index, layer in enumerate(found[1].children()):
             self._layers.append(weakref.ref(layer))
             for module in layer.modules():
                 self._index.setdefault(module, index)

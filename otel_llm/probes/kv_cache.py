@@ -91,10 +91,11 @@ def _counter(module: ModuleType) -> Callable[[Any, torch.Tensor, int], tuple[int
         if layer_idx < len(layers):  # a lazily grown DynamicCache creates the layer in this update
             layer = layers[layer_idx]
             reader = readers.get(type(layer))
-            stored = reader(layer) if reader is not None else None
-            if stored is None:
+            found = reader(layer) if reader is not None else None
+            if found is None:
                 _unknown(f"{type(cache).__name__} layer {type(layer).__name__}")
                 return None
+            stored = found
         rows = key_states.shape[0]
         return stored * rows, key_states.shape[-2] * rows
 

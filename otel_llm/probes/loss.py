@@ -126,7 +126,7 @@ class LossProbe(Probe):
         self._valid: list[torch.Tensor] = []
         self._lse_sq: list[torch.Tensor] = []
         self._call_losses: list[torch.Tensor] = []
-        self._manual_losses: list[float] = []
+        self._manual_losses: list[torch.Tensor] = []
 
     @torch.no_grad()
     def on_call(self, input: torch.Tensor, target: torch.Tensor, options: dict[str, Any],

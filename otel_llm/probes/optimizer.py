@@ -14,8 +14,9 @@ the update.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from numbers import Real
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -60,7 +61,9 @@ def _dtensor_type() -> type | None:
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """The part of ``tensor`` this rank holds (a DTensor's local shard)."""
     dtensor = _dtensor_type()
-    return tensor.to_local() if dtensor is not None and isinstance(tensor, dtensor) else tensor
+    if dtensor is not None and isinstance(tensor, dtensor):
+        return cast(torch.Tensor, cast(Any, tensor).to_local())
+    return tensor
 
 
 class ShardReducer:
@@ -73,12 +76,12 @@ class ShardReducer:
 
     def __init__(self, params: list[torch.Tensor]) -> None:
         dtensor = _dtensor_type()
-        sharded = [dtensor is not None and isinstance(p, dtensor) and any(pl.is_shard() for pl in p.placements)
-                   for p in params]
+        sharded = [dtensor is not None and isinstance(p, dtensor)
+                   and any(pl.is_shard() for pl in cast(Any, p).placements) for p in params]
         self.group = None
         self.weights: list[float] = [1.0] * len(params)
         if any(sharded):
-            first = params[sharded.index(True)]
+            first: Any = params[sharded.index(True)]
             self.group = first.device_mesh.get_group()
             import torch.distributed as dist
 
@@ -98,8 +101,8 @@ class ShardReducer:
         return totals
 
 
-def _squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    return torch.stack([n.to(device, torch.float64) for n in torch._foreach_norm(tensors)]).square()
+def _squares(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    return torch.stack([n.to(device, torch.float64) for n in torch._foreach_norm(list(tensors))]).square()
 
 
 def _above(tensors: list[torch.Tensor], threshold: float, device: torch.device) -> torch.Tensor:
@@ -157,7 +160,7 @@ class OptimizerProbe(Probe):
         norm = None
         if with_grad:
             reducer = self._reducer_for(with_grad)
-            grads = [_local(p.grad.detach()) for p in with_grad]
+            grads = [_local(cast(torch.Tensor, p.grad).detach()) for p in with_grad]
             device = grads[0].device
             partials = [_squares(grads, device)]
             groups: list[str] = []
@@ -185,7 +188,7 @@ class OptimizerProbe(Probe):
                     self._out.gauge(GRAD_SPARSITY, (size_total - above_total) / size_total, {ATTR_PARAM_GROUP: name})
         if sampled and self._updates:
             params = [_local(p.detach()) for p in trainable_params(optimizer)]
-            self._before = torch._foreach_mul(params, 1.0) if params else None
+            self._before = list(torch._foreach_mul(params, 1.0)) if params else None
         self._prev_norm = (step, norm) if norm is not None else None
 
     @torch.no_grad()

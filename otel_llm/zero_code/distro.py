@@ -13,7 +13,7 @@ import logging
 import os
 
 from opentelemetry import metrics
-from opentelemetry.instrumentation.distro import BaseDistro
+from opentelemetry.instrumentation.distro import BaseDistro  # type: ignore[attr-defined]  # not in its __all__
 from opentelemetry.sdk._configuration import _BaseConfigurator
 
 from otel_llm.config import Config
