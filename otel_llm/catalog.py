@@ -100,7 +100,9 @@ TRAIN_STEP_DURATION: Final = "llm.train.step.duration"
 TRAIN_LEARNING_RATE: Final = "llm.train.learning_rate"
 """observable gauge, unit 1: lr of each optimizer param group."""
 GRAD_NORM: Final = "llm.grad.norm"
-"""observable gauge, unit 1: global L2 gradient norm at optimizer pre-step."""
+"""observable gauge, unit 1: global L2 gradient norm before clipping."""
+GRAD_CLIPPED_STEPS: Final = "llm.grad.clipped_steps"
+"""counter, unit {step}: optimizer steps whose clip call scaled the gradients down."""
 
 # --- The 17 LLM signals ----------------------------------------------------
 
@@ -154,7 +156,12 @@ CATALOG: Final[tuple[MetricSpec, ...]] = (
                buckets=STEP_DURATION_BUCKETS, family="training"),
     _gauge(TRAIN_LEARNING_RATE, "Learning rate of each optimizer param group.", attributes=(ATTR_PARAM_GROUP,),
            family="optimizer"),
-    _gauge(GRAD_NORM, "Global L2 norm of all gradients at optimizer pre-step (after AMP unscale).", family="optimizer"),
+    _gauge(GRAD_NORM, "Global L2 norm of all gradients before clipping: the norm the step's clip call computed "
+           "(clip_grad_norm_ and the frameworks built on it), else the norm at optimizer pre-step; after AMP "
+           "unscale.", family="optimizer"),
+    MetricSpec(GRAD_CLIPPED_STEPS, "counter", "{step}",
+               "Optimizer steps whose clip call scaled the gradients down (pre-clip norm > max norm).",
+               family="optimizer"),
     _gauge(GRAD_NORM_DECAY_RATE,
            "(|g_{t-1}| - |g_t|) / (|g_{t-1}| + 1e-8) between consecutive optimizer steps.", number=1,
            thresholds=(Threshold("warning", ">", 0.85, "gradient collapse"),

@@ -13,6 +13,7 @@ CONTRACT = {
     "llm.train.step.duration": (H, "s", (), (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)),
     "llm.train.learning_rate": (G, "1", ("llm.param.group",), None),
     "llm.grad.norm": (G, "1", (), None),
+    "llm.grad.clipped_steps": (C, "{step}", (), None),
     "llm.grad.norm_decay_rate": (G, "1", (), None),
     "llm.grad.sparsity": (G, "1", ("llm.param.group",), None),
     "llm.param.update_ratio": (G, "1", (), None),

@@ -140,9 +140,27 @@ def test_trainer_callback_exports_what_the_explicit_api_exports(tmp_path, export
         assert value(callback, "llm_train_loss") == pytest.approx(logged[step]["loss"], rel=1e-6)
         rates = [value(callback, "llm_train_learning_rate", llm_param_group=g) for g in ("0", "1")]
         assert rates == pytest.approx([logged[step]["learning_rate"]] * 2, rel=1e-9)  # decay and no-decay groups
+        assert value(callback, "llm_grad_norm") == pytest.approx(logged[step]["grad_norm"], rel=1e-6)
     names = {name for name, _ in expected[-1]}
     assert {"llm_grad_norm", "llm_param_update_ratio", "llm_lora_rank_activation_ratio", "llm_loss_token_bucket",
             "llm_attention_head_entropy_bucket", "llm_activation_sparsity"} <= names
+
+
+def test_grad_norm_is_the_trainers_pre_clip_grad_norm_and_clipped_steps_are_counted(tmp_path, exporting):
+    """A bound the norms cross: the exported norm is the one the Trainer logs (before clipping), not the bound."""
+    recorder = Recorder()
+    bound = 0.17
+    trainer = transformers.Trainer(model=lora_llama(), train_dataset=dataset(), callbacks=[recorder],
+                                   args=training_args(tmp_path, report_to=["otel_llm"], max_grad_norm=bound))
+    trainer.train()
+    logged = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
+    assert len(logged) == len(recorder.scrapes) == STEPS
+    assert 0 < sum(norm > bound for norm in logged) < STEPS, "no step on one side of the bound: proves nothing"
+    for step, scraped in enumerate(recorder.scrapes):
+        assert value(scraped, "llm_grad_norm") == pytest.approx(logged[step], rel=1e-6), f"step {step}"
+        clipped = sum(norm > bound for norm in logged[:step + 1])
+        counted = sum(v for (name, _), v in scraped.items() if name == "llm_grad_clipped_steps_total")  # absent: 0
+        assert counted == clipped, f"step {step}"
 
 
 def test_logged_loss_is_the_token_mean_of_the_accumulated_batch(tmp_path, exporting):

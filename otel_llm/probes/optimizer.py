@@ -1,7 +1,10 @@
 """Gradient and update signals, taken at optimizer step boundaries.
 
 At pre-step the gradients are final (after DDP all-reduce and AMP unscale), so
-the global norm and sparsity are read there. Around a sampled step the probe
+sparsity is read there, and so is the global norm unless the step clipped its
+gradients: then the norm is the one the clip call computed before clipping
+(:mod:`otel_llm.probes._clip_calls`), and whether the clip scaled the gradients
+is counted on the device every step. Around a sampled step the probe
 keeps a copy of the trainable parameters to measure the update. The norm is
 also computed on the step before a sampled one, because the decay rate compares
 consecutive optimizer steps, not consecutive samples.
@@ -22,6 +25,7 @@ import torch
 
 from otel_llm.catalog import (
     ATTR_PARAM_GROUP,
+    GRAD_CLIPPED_STEPS,
     GRAD_NORM,
     GRAD_NORM_DECAY_RATE,
     GRAD_SPARSITY,
@@ -29,9 +33,11 @@ from otel_llm.catalog import (
     PARAM_UPDATE_VARIANCE_RATIO,
     TRAIN_LEARNING_RATE,
 )
+from otel_llm.probes._clip_calls import CLIP, ClipCall
 from otel_llm.probes._update_sample import CoordinateSample
 from otel_llm.probes.base import Probe, StepPlan, StepValues
 from otel_llm.probes.lora import lora_param_families
+from otel_llm.runtime import fork
 
 if TYPE_CHECKING:
     from otel_llm.config import Config
@@ -63,6 +69,14 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     dtensor = _dtensor_type()
     if dtensor is not None and isinstance(tensor, dtensor):
         return cast(torch.Tensor, cast(Any, tensor).to_local())
+    return tensor
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor (the norm clip_grad_norm_ returns under FSDP2) as a plain tensor."""
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(tensor, dtensor):
+        return cast(torch.Tensor, cast(Any, tensor).full_tensor())
     return tensor
 
 
@@ -118,13 +132,14 @@ def _above(tensors: list[torch.Tensor], threshold: float, device: torch.device) 
 
 
 class OptimizerProbe(Probe):
-    """Computes #1-#4, the gradient norm and the learning rates for the followed optimizer.
+    """Computes #1-#4, the pre-clip gradient norm, clipped steps and the learning rates for the followed optimizer.
 
     Always built: the sampler reads its gradient norm (a non-finite norm tightens sampling).
     """
 
     name = "optimizer"
     always = True
+    every_step = True
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -134,7 +149,40 @@ class OptimizerProbe(Probe):
         self._prev_norm: tuple[int, torch.Tensor] | None = None
         self._reducer: tuple[tuple[int, ...], ShardReducer] | None = None
         self._families: dict[str, set[int]] = {}
+        self._clips: list[ClipCall] = []
         self.reset()
+
+    def start(self, model_known: bool) -> None:
+        self.listen(CLIP, self._on_clip)
+
+    def _on_clip(self, clip: ClipCall) -> None:
+        """Keep the step's clip calls: one per disjoint parameter set (a new call over the same ones replaces)."""
+        if fork.forked:
+            return
+        self._clips = [kept for kept in self._clips
+                       if kept.parameters and clip.parameters and not kept.parameters & clip.parameters]
+        self._clips.append(clip)
+
+    def _pre_clip_norm(self) -> torch.Tensor | None:
+        """The global L2 norm the step's clip calls computed, or None when there were none (or not L2)."""
+        clips = self._clips
+        if not clips or any(clip.norm_type != 2.0 for clip in clips):
+            return None
+        norms = [_full(clip.total_norm.detach()) for clip in clips]
+        if len(norms) == 1:
+            return norms[0]
+        device = norms[0].device
+        return torch.stack([n.to(device, torch.float32) for n in norms]).square().sum().sqrt()
+
+    def tally(self) -> StepValues:
+        """Whether the step's clip calls scaled the gradients, counted on the device."""
+        values = StepValues()
+        clips, self._clips = self._clips, []
+        if clips and self.enabled(GRAD_CLIPPED_STEPS):
+            device = clips[0].total_norm.device
+            scaled = torch.stack([_full(clip.scaled).to(device) for clip in clips]).any()
+            values.count(GRAD_CLIPPED_STEPS, scaled.to(torch.int64))
+        return values
 
     def attach(self, model: torch.nn.Module) -> None:
         """Parameter subsets (LoRA factors) whose gradient sparsity is also reported, as groups."""
@@ -156,40 +204,47 @@ class OptimizerProbe(Probe):
         step, sampled = plan.step, plan.sampled
         if not (sampled or plan.next_sampled):
             return
+        pre_clip = self._pre_clip_norm()
+        norm = pre_clip
         with_grad = [p for p in trainable_params(optimizer) if p.grad is not None and not p.grad.is_sparse]
-        norm = None
-        if with_grad:
-            reducer = self._reducer_for(with_grad)
-            grads = [_local(cast(torch.Tensor, p.grad).detach()) for p in with_grad]
-            device = grads[0].device
-            partials = [_squares(grads, device)]
-            groups: list[str] = []
-            if sampled:
-                above = _above(grads, self._threshold, device)
-                sizes = torch.tensor([float(g.numel()) for g in grads], dtype=torch.float64, device=device)
-                partials += [above, sizes]
-                for name, members in self._families.items():
-                    chosen = [id(p) in members for p in with_grad]
-                    if any(chosen):
-                        mask = torch.tensor(chosen, dtype=torch.float64, device=device)
-                        partials += [above * mask, sizes * mask]
-                        groups.append(name)
-            totals = reducer.sums(partials)
-            norm = totals[0].sqrt().float()
-            if sampled:
-                self._out = StepValues()
-                self._out.gauge(GRAD_NORM, norm)
-                if self._prev_norm is not None and self._prev_norm[0] == step - 1:
-                    previous = self._prev_norm[1].to(norm.device)
-                    self._out.gauge(GRAD_NORM_DECAY_RATE, (previous - norm) / (previous + 1e-8))
-                self._out.gauge(GRAD_SPARSITY, (totals[2] - totals[1]) / totals[2], {ATTR_PARAM_GROUP: "all"})
-                for offset, name in enumerate(groups):
-                    above_total, size_total = totals[3 + 2 * offset], totals[4 + 2 * offset]
-                    self._out.gauge(GRAD_SPARSITY, (size_total - above_total) / size_total, {ATTR_PARAM_GROUP: name})
+        if with_grad and (sampled or pre_clip is None):
+            norm = self._gradient_statistics(with_grad, step, sampled, pre_clip)
         if sampled and self._updates:
             params = [_local(p.detach()) for p in trainable_params(optimizer)]
             self._before = list(torch._foreach_mul(params, 1.0)) if params else None
         self._prev_norm = (step, norm) if norm is not None else None
+
+    def _gradient_statistics(self, with_grad: list[torch.Tensor], step: int, sampled: bool,
+                             pre_clip: torch.Tensor | None) -> torch.Tensor:
+        """The global norm (the clip's, when it computed one) and, on sampled steps, #1 and #2 into the output."""
+        reducer = self._reducer_for(with_grad)
+        grads = [_local(cast(torch.Tensor, p.grad).detach()) for p in with_grad]
+        device = grads[0].device
+        partials = [_squares(grads, device)]
+        groups: list[str] = []
+        if sampled:
+            above = _above(grads, self._threshold, device)
+            sizes = torch.tensor([float(g.numel()) for g in grads], dtype=torch.float64, device=device)
+            partials += [above, sizes]
+            for name, members in self._families.items():
+                chosen = [id(p) in members for p in with_grad]
+                if any(chosen):
+                    mask = torch.tensor(chosen, dtype=torch.float64, device=device)
+                    partials += [above * mask, sizes * mask]
+                    groups.append(name)
+        totals = reducer.sums(partials)
+        norm = totals[0].sqrt().float() if pre_clip is None else pre_clip.to(device)
+        if sampled:
+            self._out = StepValues()
+            self._out.gauge(GRAD_NORM, norm)
+            if self._prev_norm is not None and self._prev_norm[0] == step - 1:
+                previous = self._prev_norm[1].to(norm.device)
+                self._out.gauge(GRAD_NORM_DECAY_RATE, (previous - norm) / (previous + 1e-8))
+            self._out.gauge(GRAD_SPARSITY, (totals[2] - totals[1]) / totals[2], {ATTR_PARAM_GROUP: "all"})
+            for offset, name in enumerate(groups):
+                above_total, size_total = totals[3 + 2 * offset], totals[4 + 2 * offset]
+                self._out.gauge(GRAD_SPARSITY, (size_total - above_total) / size_total, {ATTR_PARAM_GROUP: name})
+        return norm
 
     @torch.no_grad()
     def finish(self, optimizer: torch.optim.Optimizer) -> StepValues:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -75,7 +75,7 @@ class RopeProbe(Probe):
             position_ids = args[1] if len(args) > 1 else kwargs["position_ids"]
             cos, sin = output
             with torch.no_grad():
-                deviation = angle_deviation(cos, sin, position_ids, module.inv_freq)
+                deviation = angle_deviation(cos, sin, position_ids, cast(torch.Tensor, module.inv_freq))
             self._max = deviation if self._max is None else torch.maximum(self._max, deviation)
         except Exception as exc:  # noqa: BLE001 - never raise into the forward pass
             self.skipped_calls += 1
