@@ -20,6 +20,17 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(0, VOCAB, (2, LENGTH), generator=g), torch.randint(0, VOCAB, (2, LENGTH), generator=g)
 
 
+def gpt(lr: float) -> tuple[GPT, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = GPT(vocab=VOCAB, block_size=LENGTH, heads=4)
+    return model, torch.optim.SGD(model.parameters(), lr=lr)
+
+
+def grad_norm(model: torch.nn.Module) -> float:
+    """The global L2 norm of the gradients as they are now, in float64."""
+    return math.sqrt(sum(float(p.grad.double().square().sum()) for p in model.parameters()))
+
+
 def clip_norm_(model: torch.nn.Module, how: str) -> torch.Tensor:
     """The three ways a loop clips: a list, a generator (consumed by the call), norm then clip."""
     if how == "list":
@@ -34,9 +45,7 @@ def clip_norm_(model: torch.nn.Module, how: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("how", ["list", "generator", "get_total_norm"])
 def test_grad_norm_is_the_clips_pre_clip_norm_and_clipped_steps_are_counted_exactly(harness, how):
-    torch.manual_seed(0)
-    model = GPT(vocab=VOCAB, block_size=LENGTH, heads=4)
-    optimizer = torch.optim.SGD(model.parameters(), lr=3.0)  # large steps: norms cross the bound both ways
+    model, optimizer = gpt(lr=3.0)  # large steps: norms cross the bound both ways
     h = harness(model, optimizer, sampling_interval=1)
     returned, clipped = [], 0
     for step in range(12):
@@ -44,7 +53,7 @@ def test_grad_norm_is_the_clips_pre_clip_norm_and_clipped_steps_are_counted_exac
         _, loss = model(idx, targets)
         loss.backward()
         norm = clip_norm_(model, how)
-        after = math.sqrt(sum(float(p.grad.double().square().sum()) for p in model.parameters()))
+        after = grad_norm(model)
         returned.append(float(norm))
         clipped += float(norm) > MAX_NORM
         assert after <= MAX_NORM * (1 + 1e-5)  # the clip still clips: the wrapper passed the parameters on
@@ -62,9 +71,7 @@ def test_grad_norm_is_the_clips_pre_clip_norm_and_clipped_steps_are_counted_exac
 
 
 def test_clipped_steps_are_exact_between_sampled_steps_and_unclipped_steps_use_the_pre_step_norm(harness):
-    torch.manual_seed(0)
-    model = GPT(vocab=VOCAB, block_size=LENGTH, heads=4)
-    optimizer = torch.optim.SGD(model.parameters(), lr=3.0)
+    model, optimizer = gpt(lr=3.0)
     h = harness(model, optimizer, sampling_interval=5)
     clipped = 0
     for step in range(11):
@@ -74,7 +81,7 @@ def test_clipped_steps_are_exact_between_sampled_steps_and_unclipped_steps_use_t
         if step != 10:  # the last step (sampled) does not clip: its norm is read at pre-step
             clipped += float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)) > MAX_NORM
         else:
-            reference = math.sqrt(sum(float(p.grad.double().square().sum()) for p in model.parameters()))
+            reference = grad_norm(model)
         optimizer.step()
         optimizer.zero_grad()
     m = h.collect()
@@ -85,9 +92,7 @@ def test_clipped_steps_are_exact_between_sampled_steps_and_unclipped_steps_use_t
 
 def test_a_clip_after_a_skipped_update_replaces_the_skipped_one(harness):
     """GradScaler-style: a step whose update was skipped clips again next iteration; only the taken step counts."""
-    torch.manual_seed(0)
-    model = GPT(vocab=VOCAB, block_size=LENGTH, heads=4)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model, optimizer = gpt(lr=0.5)
     h = harness(model, optimizer, sampling_interval=1)
     idx, targets = batch(0)
     F.cross_entropy(model(idx)[0].reshape(-1, VOCAB), targets.reshape(-1)).mul(1000).backward()
