@@ -22,6 +22,7 @@ from otel_llm.catalog import ACTIVATION_OUTLIER_RATIO, ACTIVATION_SPARSITY, ATTR
 from otel_llm.config import Config
 from otel_llm.environment_variables import OTEL_LLM_MLP_OUTPUT_PATH
 from otel_llm.probes._forward import TokenMask, first_tensor, in_step_forward, layer_index
+from otel_llm.probes._measuring import measuring
 from otel_llm.probes.base import Probe, StepValues
 
 __all__ = ["MLP_OUTPUT_PATHS", "ActivationProbe", "floor_in_dtype", "mlp_output"]
@@ -124,7 +125,7 @@ class ActivationProbe(Probe):
             x = first_tensor(args) if args else first_tensor(tuple(kwargs.values()))
             if x is None or not x.is_floating_point():
                 return
-            with torch.no_grad():
+            with measuring():
                 floor = self._floors.get(x.dtype)
                 if floor is None:
                     floor = self._floors[x.dtype] = floor_in_dtype(self.config.activation_sparsity_threshold,
@@ -150,7 +151,7 @@ class ActivationProbe(Probe):
             hidden = first_tensor(output)
             if hidden is None or not hidden.is_floating_point() or hidden.dim() < 2:
                 return
-            with torch.no_grad():
+            with measuring():
                 magnitude = hidden.detach().abs()
                 keep = self._mask.positions(hidden)
                 if keep is not None:

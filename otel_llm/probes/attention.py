@@ -33,6 +33,7 @@ from otel_llm.probes._attention_calls import ATTENTION, AttentionCall, ScoresCal
 from otel_llm.probes._attention_stats import LayerStatistics
 from otel_llm.probes._forward import in_backward
 from otel_llm.probes._layers import LayerIndex
+from otel_llm.probes._measuring import measuring
 from otel_llm.probes.base import Probe, StepValues
 from otel_llm.runtime.log_once import LogOnce
 
@@ -99,7 +100,7 @@ class AttentionProbe(Probe):
             return  # attention outside the decoder stack (another model, a vision tower)
         try:
             call = bind()
-            with torch.no_grad():
+            with measuring():
                 lead = call.scores if isinstance(call, ScoresCall) else call.query
                 stats = self._layers.get(layer)
                 if stats is None:

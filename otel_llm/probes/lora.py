@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from otel_llm.catalog import ATTR_LAYER, LORA_RANK_ACTIVATION_RATIO
 from otel_llm.config import Config
 from otel_llm.probes._forward import TokenMask, first_tensor, in_step_forward, layer_index
+from otel_llm.probes._measuring import measuring
 from otel_llm.probes.base import Probe, StepValues
 
 __all__ = ["LoraProbe", "lora_param_families", "rank_activation_ratio"]
@@ -137,7 +138,7 @@ class LoraProbe(Probe):
                 return
             z = first_tensor(output)
             if z is not None and z.is_floating_point() and z.dim() >= 2 and z.shape[-1] == rank:
-                with torch.no_grad():
+                with measuring():
                     self._add(slot, z.detach())
 
         return hook
@@ -151,7 +152,7 @@ class LoraProbe(Probe):
                 return
             x = first_tensor(args) if args else first_tensor(tuple(kwargs.values()))
             if x is not None and x.is_floating_point() and x.dim() >= 2 and x.shape[-1] == factor.shape[1]:
-                with torch.no_grad():
+                with measuring():
                     self._add(slot, x.detach().float() @ factor.detach().float().T)
 
         return hook

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from otel_llm.catalog import LOGITS_Z_LOSS, LOSS_TOKEN, LOSS_TOKEN_SKEWNESS, TRAIN_LOSS
+from otel_llm.probes._measuring import measuring
 from otel_llm.probes.base import Probe, StepValues, log_failure
 from otel_llm.probes.interception import Interception
 from otel_llm.runtime import fork
@@ -128,7 +129,7 @@ class LossProbe(Probe):
         self._call_losses: list[torch.Tensor] = []
         self._manual_losses: list[torch.Tensor] = []
 
-    @torch.no_grad()
+    @measuring()
     def on_call(self, input: torch.Tensor, target: torch.Tensor, options: dict[str, Any],
                 result: torch.Tensor) -> None:
         """Record one training cross_entropy call (the caller checks that the step is sampled)."""
@@ -179,7 +180,7 @@ class LossProbe(Probe):
             self._generators[device] = generator
         return generator
 
-    @torch.no_grad()
+    @measuring()
     def finish(self, optimizer: torch.optim.Optimizer) -> StepValues:
         """Device tensors for the step's loss signals; empty when no loss was seen."""
         out = StepValues()

@@ -34,6 +34,7 @@ from otel_llm.catalog import (
     TRAIN_LEARNING_RATE,
 )
 from otel_llm.probes._clip_calls import CLIP, ClipCall
+from otel_llm.probes._measuring import measuring
 from otel_llm.probes._update_sample import CoordinateSample
 from otel_llm.probes.base import Probe, StepPlan, StepValues
 from otel_llm.probes.lora import lora_param_families
@@ -199,7 +200,7 @@ class OptimizerProbe(Probe):
             self._reducer = (key, ShardReducer(params))
         return self._reducer[1]
 
-    @torch.no_grad()
+    @measuring()
     def before_update(self, optimizer: torch.optim.Optimizer, plan: StepPlan) -> None:
         step, sampled = plan.step, plan.sampled
         if not (sampled or plan.next_sampled):
@@ -246,7 +247,7 @@ class OptimizerProbe(Probe):
                 self._out.gauge(GRAD_SPARSITY, (size_total - above_total) / size_total, {ATTR_PARAM_GROUP: name})
         return norm
 
-    @torch.no_grad()
+    @measuring()
     def finish(self, optimizer: torch.optim.Optimizer) -> StepValues:
         """The sampled step's signals; the gradient ones exist after a sampled :meth:`before_update`."""
         out, self._out = self._out, StepValues()

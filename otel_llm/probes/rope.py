@@ -21,6 +21,7 @@ import torch
 
 from otel_llm.catalog import ROPE_ANGLE_DEVIATION
 from otel_llm.config import Config
+from otel_llm.probes._measuring import measuring
 from otel_llm.probes.base import Probe, StepValues
 from otel_llm.runtime.log_once import LogOnce
 
@@ -74,7 +75,7 @@ class RopeProbe(Probe):
         try:
             position_ids = args[1] if len(args) > 1 else kwargs["position_ids"]
             cos, sin = output
-            with torch.no_grad():
+            with measuring():
                 deviation = angle_deviation(cos, sin, position_ids, cast(torch.Tensor, module.inv_freq))
             self._max = deviation if self._max is None else torch.maximum(self._max, deviation)
         except Exception as exc:  # noqa: BLE001 - never raise into the forward pass
