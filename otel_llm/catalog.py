@@ -214,7 +214,8 @@ CATALOG: Final[tuple[MetricSpec, ...]] = (
     MetricSpec(TELEMETRY_SAMPLED_STEPS, "counter", "{step}", "Steps on which the expensive signals were computed.",
                family="telemetry"),
     _gauge(TELEMETRY_SAMPLING_INTERVAL, "Current sampling interval.", unit="{step}", family="telemetry"),
-    MetricSpec(TELEMETRY_OVERHEAD, "histogram", "s", "Host time the probes added to a sampled step.",
+    MetricSpec(TELEMETRY_OVERHEAD, "histogram", "s",
+               "Host time otel_llm took on the training thread in a sampled step (hooks, interceptors, publishing).",
                buckets=OVERHEAD_BUCKETS, family="telemetry"),
     MetricSpec(TELEMETRY_NONFINITE, "counter", "{event}",
                "Sampled steps on which a signal came out NaN or Inf (one event per signal per step); those values "

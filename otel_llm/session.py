@@ -56,7 +56,9 @@ __all__ = ["Instrumentation", "active", "check_types"]
 
 _logger = logging.getLogger(__name__)
 
-_sessions: weakref.WeakSet[Instrumentation] = weakref.WeakSet()
+_sessions: set[Instrumentation] = set()
+"""Sessions not yet shut down, held strongly: a session whose handle the caller dropped (the usual
+``otel_llm.instrument(model, optimizer)`` inside ``main()``) still exports until shutdown or exit."""
 
 
 def active() -> Instrumentation | None:
@@ -135,10 +137,10 @@ class Instrumentation:
             self._handles.append(register_optimizer_step_pre_hook(self._on_pre_step))
             self._handles.append(register_optimizer_step_post_hook(self._on_post_step))
         self._model: weakref.ref[torch.nn.Module] | None = None
-        self._model_resolved = model is not None
+        self._model_checked = model is not None
         if model is not None:
             self._model = weakref.ref(model)
-        self._probes.start(model, self._clock.sampled)
+        self._probes.start(model, self._clock.sampled, adopt=self._adopt_model)
         _sessions.add(self)
         install_sigterm_handler(_shutdown_all, self.config.shutdown_timeout)
 
@@ -243,6 +245,7 @@ class Instrumentation:
         if self.closed:
             return
         self.closed = True
+        _sessions.discard(self)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -264,22 +267,30 @@ class Instrumentation:
 
     # -- model and optimizer ------------------------------------------------------
     def _attach_model(self, model: torch.nn.Module) -> None:
-        self._model_resolved = True
         self._model = weakref.ref(model)
         self._probes.attach(model, self._clock.sampled)
 
     def _adopt(self, optimizer: torch.optim.Optimizer) -> None:
         self._optimizer = weakref.ref(optimizer)
 
-    def _resolve_model(self, optimizer: torch.optim.Optimizer) -> None:
-        """At the first step, attach the probes to the model that owns the optimizer's parameters."""
-        self._model_resolved = True
-        model = self._probes.find_model(trainable_params(optimizer))
-        if model is not None:
+    def _adopt_model(self, model: torch.nn.Module) -> None:
+        """Zero-code discovery: ``model`` is entering its first training forward."""
+        if self._model is None and not self.closed:
             self._attach_model(model)
-        else:
-            _logger.info("otel_llm: no model owning the optimizer's parameters was seen; token counts and "
+
+    def _check_model(self, optimizer: torch.optim.Optimizer) -> None:
+        """At the first step, say when no model was found or the one adopted does not own the optimizer's parameters."""
+        self._model_checked = True
+        model = self._model() if self._model is not None else None
+        if model is None:
+            _logger.info("otel_llm: no model was seen training before the first optimizer step; token counts and "
                          "model signals need instrument(model=...)")
+            return
+        owned = {id(p) for p in model.parameters()}
+        if not any(id(p) in owned for p in trainable_params(optimizer)):
+            _logger.warning("otel_llm: the model adopted at its first training forward (%s) owns none of the "
+                            "optimizer's parameters; its signals are exported as they are (pass "
+                            "instrument(model=...) to choose the model)", type(model).__name__)
 
     def _owns(self, optimizer: torch.optim.Optimizer) -> bool:
         if self._optimizer is None:
@@ -295,8 +306,8 @@ class Instrumentation:
     def _pre_step(self, optimizer: torch.optim.Optimizer) -> None:
         if fork.forked or self.closed or not self._owns(optimizer):
             return
-        if not self._model_resolved:
-            self._resolve_model(optimizer)
+        if not self._model_checked:
+            self._check_model(optimizer)
         plan = self._clock.plan()
         if not (plan.sampled or plan.next_sampled):
             return

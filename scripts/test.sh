@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the test dependencies (torch 2.13.0 CPU, transformers, peft, the OTel stack, mypy,
+# Install the test dependencies (torch 2.13.0 CPU, transformers, peft, TRL, the OTel stack, mypy,
 # Prometheus/promtool/VictoriaMetrics binaries), type-check the package and run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."

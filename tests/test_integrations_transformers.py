@@ -220,7 +220,6 @@ def test_an_optimizer_that_appears_after_train_begin_is_followed():
     batch = dataset()[0]
     loss = model(**{k: v[None] for k, v in batch.items()}).loss
     loss.backward()
-    callback.on_pre_optimizer_step(args, None, None)
     optimizer.step()
     assert callback.telemetry.flush(5.0)
     m = Metrics(reader)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 import types
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from otel_llm.probes.interception import Interception
 from tests.models import GPT
+from tests.support.receivers import GrpcMetricsReceiver
+from tests.support.zero_code import INSTRUMENT, SCRIPTS, VENV_BIN, clean_env
 
 
 def record_calls(call, listeners, args, kwargs):
@@ -138,3 +143,41 @@ def test_a_scripts_own_attention_wrapper_keeps_running_under_a_session(harness):
         assert F.scaled_dot_product_attention is scripts_sdpa
     finally:
         F.scaled_dot_product_attention = torch_sdpa
+
+
+def run_wrapping_script(order: str, zero_code: bool, receiver: GrpcMetricsReceiver | None) -> dict:
+    """tests/scripts/wrapped_functions_train.py in a subprocess; its RESULT line."""
+    env = {**clean_env(), "WRAP_ORDER": order, "TRAIN_STEPS": "6"}
+    if receiver is not None:
+        env.update(OTEL_METRICS_EXPORTER="otlp", OTEL_EXPORTER_OTLP_METRICS_PROTOCOL="grpc",
+                   OTEL_EXPORTER_OTLP_METRICS_ENDPOINT=receiver.url, OTEL_EXPORTER_OTLP_METRICS_INSECURE="true",
+                   OTEL_LLM_SAMPLING="fixed", OTEL_LLM_SAMPLING_INTERVAL="1")
+    command = [str(VENV_BIN / "python"), str(SCRIPTS / "wrapped_functions_train.py")]
+    result = subprocess.run([str(INSTRUMENT), *command] if zero_code else command, env=env, capture_output=True,
+                            text=True, timeout=120, check=False, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    return json.loads(line.removeprefix("RESULT "))
+
+
+@pytest.fixture(scope="module")
+def uninstrumented_wrapping_run() -> dict:
+    return run_wrapping_script("plain", zero_code=False, receiver=None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("order", "zero_code"), [("plain", True), ("instrument-first", False),
+                                                  ("wrap-first", False)],
+                         ids=["zero-code", "instrument-then-wrap", "wrap-then-instrument"])
+def test_a_scripts_own_wrappers_run_as_often_and_training_is_bitwise_identical(uninstrumented_wrapping_run, order,
+                                                                               zero_code):
+    """Whichever of the script and otel_llm wraps first, the script's wrappers (one of which changes
+    the attention output) run exactly as often as without otel_llm, every loss and final parameter is
+    bitwise the same, and otel_llm still measures attention and the loss through them."""
+    with GrpcMetricsReceiver() as receiver:
+        run = run_wrapping_script(order, zero_code, receiver)
+        assert receiver.wait_for(["llm.attention.logit_max", "llm.loss.token", "llm.grad.norm"]), \
+            sorted(receiver.metric_names())
+    assert uninstrumented_wrapping_run["calls"] == {"sdpa": 6 * 2, "cross_entropy": 6}  # 2 layers, 6 steps
+    assert run == uninstrumented_wrapping_run

@@ -109,3 +109,33 @@ def test_rank_identity_from_torchrun_environment(monkeypatch, harness):
     attributes = h.session.meter_provider._sdk_config.resource.attributes
     assert (attributes["llm.rank"], attributes["llm.world_size"]) == (3, 4)
     assert attributes["service.name"] == "otel-llm-training"
+
+
+def test_a_session_whose_handle_is_dropped_keeps_running_until_shutdown():
+    """``otel_llm.instrument(model, optimizer)`` inside a function that returns (the usual ``main()``):
+    the session still measures, and is what exit shuts down and pushes."""
+    import gc
+
+    from otel_llm.session import active
+
+    reader = InMemoryMetricReader()
+
+    def main():
+        torch.manual_seed(0)
+        model = GPT(vocab=VOCAB)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        otel_llm.Instrumentation(model, optimizer, config=otel_llm.Config(exporters="none", sampling="fixed",
+                                                                          sampling_interval=1),
+                                 extra_readers=[reader])
+        train(model, optimizer, steps=2)
+
+    main()
+    gc.collect()
+    session = active()
+    assert session is not None
+    try:
+        assert session.flush(5.0)
+        assert Metrics(reader).value("llm.train.steps") == 2
+    finally:
+        session.shutdown()
+    assert active() is None

@@ -241,3 +241,31 @@ def test_manual_loss_overrides_and_plain_loss_functions_are_seen(harness):
     loss.backward()
     optimizer.step()
     assert h.collect().value("llm.train.loss") == 1.25
+
+
+def test_overhead_includes_the_host_time_of_forward_hooks(harness, monkeypatch):
+    """Each attention call of a sampled step is made to take at least 20 ms inside the probe's hook:
+    the step's overhead must include all of it (a lower bound that holds on any machine)."""
+    import time
+
+    from otel_llm.probes._attention_stats import LayerStatistics
+
+    add = LayerStatistics.add
+
+    def slow_add(self, *args, **kwargs):
+        time.sleep(0.02)
+        return add(self, *args, **kwargs)
+
+    monkeypatch.setattr(LayerStatistics, "add", slow_add)
+    torch.manual_seed(0)
+    model = GPT(vocab=VOCAB)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    h = harness(model, optimizer, sampling_interval=1)
+    idx = torch.randint(0, VOCAB, (2, 16))
+    for _ in range(2):
+        model(idx, idx)[1].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    overhead = h.collect().histogram("llm.telemetry.overhead")
+    assert overhead.count == 2
+    assert overhead.sum >= 2 * len(model.transformer.h) * 0.02

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 from otel_llm.environment_variables import OTEL_LLM_LAYERS_PATH
 from otel_llm.probes._layers import LayerIndex, find_layer_stack
 
-__all__ = ["TokenMask", "first_tensor", "in_backward", "in_step_forward", "layer_index"]
+__all__ = ["TokenMask", "first_tensor", "in_backward", "in_step_forward", "layer_index", "model_output_loss"]
 
 _logger = logging.getLogger(__name__)
 _indexes: weakref.WeakKeyDictionary[torch.nn.Module, tuple[str | None, LayerIndex | None]] = \
@@ -50,6 +51,17 @@ def first_tensor(value: Any) -> torch.Tensor | None:
     if isinstance(value, (tuple, list)):
         value = value[0] if value else None
     return value if isinstance(value, torch.Tensor) else None
+
+
+def model_output_loss(output: Any) -> torch.Tensor | None:
+    """The loss a model returned, as the Trainer reads it: ``output["loss"]``, or a scalar ``output[0]``."""
+    if isinstance(output, Mapping):
+        loss = output.get("loss")
+    elif isinstance(output, (tuple, list)) and output:
+        loss = output[0]
+    else:
+        return None
+    return loss if isinstance(loss, torch.Tensor) and loss.dim() == 0 else None
 
 
 def layer_index(model: torch.nn.Module, path: str | None) -> LayerIndex | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
@@ -166,10 +167,6 @@ class Probe:
         self._handles.clear()
         self.reset()
 
-    def find_model(self, params: list[torch.Tensor]) -> torch.nn.Module | None:
-        """The model owning ``params``, if this probe saw it run (zero-code discovery)."""
-        return None
-
     def hook(self, handle: RemovableHandle) -> None:
         """Keep ``handle`` so :meth:`detach` removes it."""
         self._handles.append(handle)
@@ -211,15 +208,22 @@ class Probe:
         dropped and the probe sits out the rest of the step (a half-measured step is
         never published); the next :meth:`begin_step` brings it back. The wrapper
         returns None, so a hook can never replace a module's inputs or output.
+        On sampled steps the hook's host time is added to :attr:`host_seconds`, the
+        training thread's share of ``llm.telemetry.overhead`` (not under
+        torch.compile tracing, where reading a clock would break the graph).
         """
 
         @functools.wraps(hook)
         def safe(*args: Any) -> None:
+            timed = self.sampled and not torch.compiler.is_compiling()
+            started = time.perf_counter() if timed else 0.0
             try:
                 hook(*args)
             except Exception:  # noqa: BLE001 - never raise into the training loop
                 log_failure(self.name)
                 self.reset()
                 self.sampled = False
+            if timed:
+                self.host_seconds += time.perf_counter() - started
 
         return safe

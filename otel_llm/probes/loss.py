@@ -1,9 +1,19 @@
-"""Loss-shape signals from intercepted ``F.cross_entropy`` calls on sampled steps.
+"""The training loss and the loss-shape signals of sampled steps.
 
-Hugging Face models, ``nn.CrossEntropyLoss`` and plain scripts all look the
-function up on ``torch.nn.functional`` at call time, so one patch of that
-attribute sees every training loss without touching the model. The wrapper
+``llm.train.loss`` is the loss the loop produced, from the first source that
+has one, in this order: a loss the user recorded; the Hugging Face Trainer's
+``training_step`` values summed over the step's micro-batches (what the
+Trainer and TRL's trainers log, whatever ``compute_loss`` does); the mean of
+the model's own ``loss`` outputs (``ModelOutput.loss``, or the first element of
+a tuple when it is a scalar); the mean of the step's ``F.cross_entropy`` results.
+
+The loss-shape signals (per-token losses, skewness, z-loss) need the logits:
+Hugging Face models, ``nn.CrossEntropyLoss`` and plain scripts all look
+``F.cross_entropy`` up on ``torch.nn.functional`` at call time, so one patch of
+that attribute sees every training loss without touching the model. The wrapper
 returns the result untouched; the probe binds the call only on sampled steps.
+A loss computed without it (a fused linear cross-entropy, TRL's fused LM head)
+leaves that family absent, said once in an info line.
 
 Per call (training, grad enabled) the probe recomputes, without gradients and
 in float32, the per-token losses with the call's own options and the log-sum-exp
@@ -14,7 +24,7 @@ on-device subsample of at most ``token_loss_samples`` per-token losses.
 
 from __future__ import annotations
 
-import time
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -22,15 +32,19 @@ import torch
 import torch.nn.functional as F
 
 from otel_llm.catalog import LOGITS_Z_LOSS, LOSS_TOKEN, LOSS_TOKEN_SKEWNESS, TRAIN_LOSS
+from otel_llm.probes._forward import in_step_forward, model_output_loss
 from otel_llm.probes._measuring import measuring
-from otel_llm.probes.base import Probe, StepValues, log_failure
+from otel_llm.probes.base import Probe, StepValues
 from otel_llm.probes.interception import Interception
 from otel_llm.runtime import fork
+from otel_llm.runtime.log_once import LogOnce
 
 if TYPE_CHECKING:
     from otel_llm.config import Config
 
-__all__ = ["CROSS_ENTROPY", "CrossEntropyListener", "LossProbe", "bind_cross_entropy"]
+__all__ = ["CROSS_ENTROPY", "TRAINING_STEP", "CrossEntropyListener", "LossProbe", "bind_cross_entropy"]
+
+_logger = logging.getLogger(__name__)
 
 _CHUNK_ROWS = 8192
 
@@ -49,6 +63,19 @@ def _deliver(call: Callable[..., Any], listeners: tuple[CrossEntropyListener, ..
 
 CROSS_ENTROPY: Interception[CrossEntropyListener] = Interception("cross_entropy")
 _PATCH = CROSS_ENTROPY.patch(F, "cross_entropy", _deliver)
+
+
+def _around_training_step(call: Callable[..., Any], listeners: tuple[Callable[[Any], None], ...],
+                          args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    result = call(*args, **kwargs)
+    for listener in listeners:
+        listener(result)
+    return result
+
+
+TRAINING_STEP: Interception[Callable[[Any], None]] = Interception("training_step")
+"""The values Hugging Face ``Trainer.training_step`` returns: the loss the Trainer adds up and logs."""
+TRAINING_STEP.patch("transformers.trainer:Trainer", "training_step", _around_training_step)
 
 
 def _recompute(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -97,11 +124,26 @@ class LossProbe(Probe):
         self._max_tokens = config.token_loss_samples
         self._seed = config.update_sample_seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._said = LogOnce()
         self.reset()
 
     def start(self, model_known: bool) -> None:
+        self.listen(TRAINING_STEP, self.guarded(self._on_training_step))
         if self.family_enabled():
-            self.listen(CROSS_ENTROPY, self._on_cross_entropy)
+            self.listen(CROSS_ENTROPY, self.guarded(self._on_cross_entropy))
+
+    def attach(self, model: torch.nn.Module) -> None:
+        self.hook(model.register_forward_hook(self.guarded(self._on_model_output)))
+
+    def _on_model_output(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self.sampled and in_step_forward(module) and torch.is_grad_enabled():
+            loss = model_output_loss(output)
+            if loss is not None:
+                self._output_losses.append(loss.detach().float())
+
+    def _on_training_step(self, loss: Any) -> None:
+        if self.sampled and isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            self._step_losses.append(loss.detach().float().reshape(()))
 
     def _on_cross_entropy(self, args: tuple[Any, ...], kwargs: dict[str, Any], result: torch.Tensor) -> None:
         if not self.sampled or fork.forked:
@@ -110,17 +152,8 @@ class LossProbe(Probe):
             input, target, options = bind_cross_entropy(*args, **kwargs)
         except TypeError:  # a call shape the original accepted but we cannot read: not ours to judge
             return
-        if not isinstance(input, torch.Tensor) or not input.requires_grad:
-            return
-        timed = not torch.compiler.is_compiling()  # a clock read is a graph break under torch.compile
-        started = time.perf_counter() if timed else 0.0
-        try:
+        if isinstance(input, torch.Tensor) and input.requires_grad:
             self.on_call(input, target, options, result)
-        except Exception:  # noqa: BLE001 - never raise into the training loop
-            log_failure(self.name)
-            self.reset()
-        if timed:
-            self.host_seconds += time.perf_counter() - started
 
     def reset(self) -> None:
         self._losses: list[torch.Tensor] = []
@@ -128,6 +161,8 @@ class LossProbe(Probe):
         self._lse_sq: list[torch.Tensor] = []
         self._call_losses: list[torch.Tensor] = []
         self._manual_losses: list[torch.Tensor] = []
+        self._step_losses: list[torch.Tensor] = []
+        self._output_losses: list[torch.Tensor] = []
 
     @measuring()
     def on_call(self, input: torch.Tensor, target: torch.Tensor, options: dict[str, Any],
@@ -172,6 +207,15 @@ class LossProbe(Probe):
         self._manual_losses.append(value.detach().float().reshape(()) if isinstance(value, torch.Tensor)
                                    else torch.tensor(float(value)))
 
+    def _train_loss(self) -> torch.Tensor | None:
+        """The step's loss from the first source that saw one (see the module docstring)."""
+        for values, reduce in ((self._manual_losses, torch.mean), (self._step_losses, torch.sum),
+                               (self._output_losses, torch.mean), (self._call_losses, torch.mean)):
+            if values:
+                device = values[0].device
+                return reduce(torch.stack([v.to(device) for v in values]))
+        return None
+
     def _generator(self, device: torch.device) -> torch.Generator:
         generator = self._generators.get(device)
         if generator is None:
@@ -184,13 +228,16 @@ class LossProbe(Probe):
     def finish(self, optimizer: torch.optim.Optimizer) -> StepValues:
         """Device tensors for the step's loss signals; empty when no loss was seen."""
         out = StepValues()
-        if self._manual_losses:
-            device = self._manual_losses[0].device
-            out.gauge(TRAIN_LOSS, torch.stack([v.to(device) for v in self._manual_losses]).mean())
-        elif self._call_losses:
-            device = self._call_losses[0].device
-            out.gauge(TRAIN_LOSS, torch.stack([v.to(device) for v in self._call_losses]).mean())
+        loss = self._train_loss()
+        if loss is not None:
+            out.gauge(TRAIN_LOSS, loss)
         if not self._losses:
+            if loss is not None and self.family_enabled():
+                self._said(_logger, logging.INFO, "no cross_entropy",
+                     "otel_llm: the training loss was not computed through torch.nn.functional.cross_entropy "
+                     "(a fused or custom loss kernel), so llm.loss.token, llm.loss.token_skewness and "
+                     "llm.logits.z_loss are not exported; they need the logits of a cross_entropy call "
+                     "(e.g. turn the fused loss off for a diagnostic run)")
             self.reset()
             return out
         device = self._losses[0].device

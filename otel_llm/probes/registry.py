@@ -61,13 +61,17 @@ class Probes:
     def named(self, name: str) -> Probe | None:
         return next((probe for probe in self._all if probe.name == name), None)
 
-    def start(self, model: torch.nn.Module | None, sampled: bool) -> None:
+    def start(self, model: torch.nn.Module | None, sampled: bool, adopt: Callable[[torch.nn.Module], None]) -> None:
+        """Start every probe; without ``model``, ``adopt`` is called with the model once it first trains."""
         for probe in self._all:
             self._run(probe, lambda p: p.start(model is not None))
         if model is not None:
             self.attach(model, sampled)
-        else:
-            self.begin_step(sampled)
+            return
+        self.begin_step(sampled)
+        tokens = self.get(TokenProbe)
+        if tokens is not None:
+            tokens.discover(adopt)
 
     def attach(self, model: torch.nn.Module, sampled: bool) -> None:
         """Hook ``model``; a probe that cannot read this model is detached and left out."""
@@ -78,14 +82,6 @@ class Probes:
             except Exception:  # noqa: BLE001 - an unfamiliar model must not stop training
                 log_failure(probe.name)
                 probe.detach()
-
-    def find_model(self, params: list[torch.Tensor]) -> torch.nn.Module | None:
-        """The model owning ``params``, from the first probe that saw it run."""
-        for probe in self._all:
-            model = probe.find_model(params)
-            if model is not None:
-                return model
-        return None
 
     def detach(self) -> None:
         for probe in self._all:

@@ -66,7 +66,7 @@ class RopeProbe(Probe):
 
     def attach(self, model: torch.nn.Module) -> None:
         for module in rotary_modules(model):
-            self.hook(module.register_forward_hook(self._on_forward, with_kwargs=True))
+            self.hook(module.register_forward_hook(self.guarded(self._on_forward), with_kwargs=True))
 
     def _on_forward(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                     output: Any) -> None:

@@ -1,22 +1,25 @@
 """Token counting from the model's forward calls, and finding that model in zero-code mode.
 
 In zero-code mode the model is unknown: two global module hooks track call
-depth, count tokens at every outermost training forward and remember those
-modules; once the optimizer is known, the outermost module that owns its
-parameters is adopted, the global hooks are removed and a single forward hook
-stays on that model.
+depth, and the first outermost training forward (training mode, grad enabled,
+a trainable parameter, not a checkpoint replay inside backward) names the
+model. It is adopted in that call's pre-hook, so every probe measures step 0;
+the global hooks are removed and a single forward hook stays on that model.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn.modules import module as nn_module
 
 from otel_llm.catalog import TRAIN_TOKENS
+from otel_llm.probes._forward import in_backward
 from otel_llm.probes.base import Probe, StepValues
 
 if TYPE_CHECKING:
@@ -47,6 +50,40 @@ def _count(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | torch.Tensor 
     return None
 
 
+def _is_training_model(module: torch.nn.Module) -> bool:
+    return module.training and torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+
+
+def _call_kwargs(module: torch.nn.Module) -> dict[str, Any]:
+    """Keyword arguments of ``module``'s call whose global forward pre-hooks are running.
+
+    torch hands global pre-hooks only the positional arguments; the model's own
+    pre-hooks, installed during this call, need the keywords (the attention mask).
+    They are the ``kwargs`` of torch's ``Module._call_impl`` a few frames up; when
+    that frame is not found the call's hooks see none (every position counts once).
+    """
+    frame = sys._getframe(1)
+    for _ in range(6):
+        frame = frame.f_back  # type: ignore[assignment]
+        if frame is None:
+            break
+        local = frame.f_locals
+        if local.get("self") is module and isinstance(local.get("kwargs"), dict):
+            return local["kwargs"]
+    return {}
+
+
+def _run_new_pre_hooks(module: torch.nn.Module, before: set[int], args: tuple[Any, ...],
+                       kwargs: dict[str, Any]) -> None:
+    """Run the pre-hooks added to ``module`` since ``before`` for the call already past them."""
+    for hook_id, hook in list(module._forward_pre_hooks.items()):
+        if hook_id not in before:
+            if hook_id in module._forward_pre_hooks_with_kwargs:
+                hook(module, args, kwargs)
+            else:
+                hook(module, args)
+
+
 class TokenProbe(Probe):
     """Accumulates tokens of training forward passes until :meth:`tally` reads them.
 
@@ -62,7 +99,7 @@ class TokenProbe(Probe):
         self._host = 0
         self._device: torch.Tensor | None = None
         self._depth = threading.local()
-        self._roots: list[weakref.ref[torch.nn.Module]] = []
+        self._adopt: Callable[[torch.nn.Module], None] | None = None
         self.model: weakref.ref[torch.nn.Module] | None = None
 
     def _add(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -77,10 +114,6 @@ class TokenProbe(Probe):
         if module.training and torch.is_grad_enabled():
             self._add(args, kwargs)
 
-    def start(self, model_known: bool) -> None:
-        if not model_known:
-            self._discover()
-
     def attach(self, model: torch.nn.Module) -> None:
         """Count the tokens of ``model``'s training forward calls."""
         self._unhook()
@@ -88,37 +121,27 @@ class TokenProbe(Probe):
         self.hook(model.register_forward_hook(self._on_model_forward, with_kwargs=True))
 
     # -- zero-code discovery -------------------------------------------------
-    def _discover(self) -> None:
-        """Install the global depth-tracking hooks until :meth:`find_model` finds the model."""
+    def discover(self, adopt: Callable[[torch.nn.Module], None]) -> None:
+        """Install the global depth-tracking hooks; ``adopt`` attaches every probe to the model found."""
+        self._adopt = adopt
         self.hook(nn_module.register_module_forward_pre_hook(self._on_enter))
-        self.hook(nn_module.register_module_forward_hook(self._on_exit, with_kwargs=True, always_call=True))
+        self.hook(nn_module.register_module_forward_hook(self._on_exit, always_call=True))
 
     def _on_enter(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        self._depth.value = getattr(self._depth, "value", 0) + 1
+        if in_backward():
+            return  # activation checkpointing replaying part of the model
+        depth = getattr(self._depth, "value", 0)
+        if depth == 0 and self._adopt is not None and _is_training_model(module):
+            adopt, self._adopt = self._adopt, None
+            before = set(module._forward_pre_hooks)
+            adopt(module)  # removes these global hooks
+            _run_new_pre_hooks(module, before, args, _call_kwargs(module))
+            return
+        self._depth.value = depth + 1
 
-    def _on_exit(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        depth = getattr(self._depth, "value", 1) - 1
-        self._depth.value = max(depth, 0)
-        if depth == 0 and module.training and torch.is_grad_enabled():
-            self._add(args, kwargs)
-            if not any(ref() is module for ref in self._roots):
-                self._roots.append(weakref.ref(module))
-
-    def find_model(self, params: list[torch.Tensor]) -> torch.nn.Module | None:
-        """The outermost module seen that owns any of ``params``; the discovery hooks go either way.
-
-        The session attaches every probe, this one included, to the module found.
-        """
-        wanted = {id(p) for p in params}
-        found = None
-        for ref in reversed(self._roots):
-            module = ref()
-            if module is not None and any(id(p) in wanted for p in module.parameters()):
-                found = module
-                break
-        self._unhook()
-        self._roots.clear()
-        return found
+    def _on_exit(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if not in_backward():
+            self._depth.value = max(getattr(self._depth, "value", 1) - 1, 0)
 
     def tally(self) -> StepValues:
         """Tokens counted since the last tally: a host part and a device part (read off-thread)."""

@@ -22,8 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families as parse_pro
 
 from tests.support.backends import free_port
 
-__all__ = ["EXIT_TIMEOUT", "INSTRUMENT", "SAMPLING_INTERVAL", "STARTUP_TIMEOUT", "TRAIN_STEPS", "VENV_BIN", "Scrape",
-           "TrainProcess", "clean_env", "scrape", "scrape_until"]
+__all__ = ["EXIT_TIMEOUT", "INSTRUMENT", "SAMPLING_INTERVAL", "SCRIPTS", "STARTUP_TIMEOUT", "TRAIN_STEPS", "VENV_BIN",
+           "Scrape", "TrainProcess", "clean_env", "scrape", "scrape_until"]
 
 VENV_BIN = pathlib.Path(sys.executable).parent
 INSTRUMENT = VENV_BIN / "opentelemetry-instrument"
