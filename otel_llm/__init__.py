@@ -11,6 +11,7 @@ or run an unmodified script with ``opentelemetry-instrument python train.py``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,8 @@ from otel_llm.config import Config
 from otel_llm.schema import SchemaError
 from otel_llm.session import Instrumentation, active, check_types
 from otel_llm.version import __version__
+
+_logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -49,6 +52,9 @@ def instrument(model: torch.nn.Module | None = None, optimizer: torch.optim.Opti
     check_types(model, optimizer)
     current = active()
     if current is not None:
+        if config is not None and config != current.config:
+            _logger.warning("otel_llm: a session is already running; it was returned unchanged and the new "
+                            "Config was not applied (shut the running session down first to change it)")
         current.attach(model, optimizer)
         return current
     return Instrumentation(model, optimizer, config=config, meter_provider=meter_provider)

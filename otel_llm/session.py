@@ -48,6 +48,7 @@ from otel_llm.probes.loss import LossProbe
 from otel_llm.probes.optimizer import parameter_device, trainable_params
 from otel_llm.probes.registry import build_probes
 from otel_llm.runtime import fork
+from otel_llm.runtime.log_once import once
 from otel_llm.runtime.termination import install_sigterm_handler
 from otel_llm.schema import builtin_names, load_schema, validate_spec
 from otel_llm.version import __version__
@@ -83,6 +84,18 @@ def _anomaly_monitor(config: Config) -> AnomalyMonitor | None:
                           segments=config.anomaly_segments, alphabet=config.anomaly_alphabet,
                           threshold=config.anomaly_threshold,
                           ignored=(TRAIN_LEARNING_RATE, MEMORY_PRESSURE, TELEMETRY_SAMPLING_INTERVAL))
+
+
+def _is_scalar_loss(value: object) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and (value.is_floating_point() or not value.dtype.is_complex)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _describe_value(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
 
 
 def check_types(model: object, optimizer: object) -> None:
@@ -180,7 +193,16 @@ class Instrumentation:
                 _logger.warning("otel_llm: already following another optimizer; ignoring the new one")
 
     def record_loss(self, loss: float | torch.Tensor) -> None:
-        """Report the step's training loss from a custom loop (overrides the intercepted loss)."""
+        """Report the step's training loss from a custom loop (overrides the intercepted loss).
+
+        Checked on every call, sampled step or not, so a wrong value shows at once; it is
+        then dropped with one warning, never raised into the loop.
+        """
+        if not _is_scalar_loss(loss):
+            once(_logger, logging.WARNING, ("record_loss", type(loss).__name__),
+                 "otel_llm: record_loss() takes a number or a one-element tensor, got %s; dropped",
+                 _describe_value(loss))
+            return
         probe = self._probes.get(LossProbe)
         if self._clock.sampled and not self.closed and probe is not None:
             probe.record_manual_loss(loss)
