@@ -88,7 +88,7 @@ def _anomaly_monitor(config: Config) -> AnomalyMonitor | None:
 
 def _is_scalar_loss(value: object) -> bool:
     if isinstance(value, torch.Tensor):
-        return value.numel() == 1 and (value.is_floating_point() or not value.dtype.is_complex)
+        return value.numel() == 1 and not value.dtype.is_complex
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
