@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from otel_llm.catalog import CATALOG, MetricSpec
 from otel_llm.config import Config
@@ -40,16 +40,17 @@ __all__ = [
 ]
 
 
-def instrument(model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None, *,
+def instrument(model: torch.nn.Module | None = None, optimizer: Any = None, *,
                meter_provider: MeterProvider | None = None, config: Config | None = None) -> Instrumentation:
     """Start exporting training signals; returns a handle (context manager, ``.shutdown()``).
 
     Without ``meter_provider`` a provider with the catalog Views and the readers
     of ``config.exporters`` (default: Prometheus and OTLP) is built. Without
-    ``model``/``optimizer`` they are found as they first run. Calling this while a
-    session is active returns that session.
+    ``model``/``optimizer`` they are found as they first run; ``optimizer`` may be
+    a wrapper of a torch optimizer (DeepSpeed's, accelerate's). Calling this while
+    a session is active returns that session.
     """
-    check_types(model, optimizer)
+    optimizer = check_types(model, optimizer)
     current = active()
     if current is not None:
         if config is not None and config != current.config:

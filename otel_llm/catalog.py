@@ -92,6 +92,7 @@ def prometheus_name(name: str, unit: str, instrument: str) -> str:
 TRAIN_LOSS: Final = "llm.train.loss"
 """observable gauge, unit 1: mean training loss of the latest sampled step."""
 TRAIN_STEPS: Final = "llm.train.steps"
+TRAIN_SKIPPED_STEPS: Final = "llm.train.skipped_steps"
 """counter, unit {step}: optimizer steps taken."""
 TRAIN_TOKENS: Final = "llm.train.tokens"
 """counter, unit {token}: tokens processed (non-padding when a mask is known)."""
@@ -150,6 +151,9 @@ CATALOG: Final[tuple[MetricSpec, ...]] = (
     _gauge(TRAIN_LOSS, "Mean training loss of the latest sampled step, as the loss function returned it.",
            family="loss"),
     MetricSpec(TRAIN_STEPS, "counter", "{step}", "Optimizer steps taken.", family="training"),
+    MetricSpec(TRAIN_SKIPPED_STEPS, "counter", "{step}",
+               "Updates the optimizer skipped (DeepSpeed's fp16 overflow): not counted in llm.train.steps.",
+               family="training"),
     MetricSpec(TRAIN_TOKENS, "counter", "{token}",
                "Tokens processed (non-padding input tokens when an attention mask is known).", family="tokens"),
     MetricSpec(TRAIN_STEP_DURATION, "histogram", "s", "Wall time between consecutive optimizer steps.",

@@ -32,6 +32,7 @@ from otel_llm.catalog import (
     MEMORY_PRESSURE,
     TELEMETRY_SAMPLING_INTERVAL,
     TRAIN_LEARNING_RATE,
+    TRAIN_SKIPPED_STEPS,
     TRAIN_STEPS,
     MetricSpec,
     prometheus_name,
@@ -43,9 +44,11 @@ from otel_llm.pipeline.clock import StepClock
 from otel_llm.pipeline.publisher import Publisher, Recorder, create_recorder
 from otel_llm.pipeline.sampler import SamplingInputs, make_sampler
 from otel_llm.pipeline.transfer import CounterPoint, HostStep, Publication, to_host
+from otel_llm.probes._deepspeed import UPDATE, initializing
+from otel_llm.probes._wrappers import innermost_optimizer
 from otel_llm.probes.base import StepValues, log_failure
 from otel_llm.probes.loss import LossProbe
-from otel_llm.probes.optimizer import parameter_device, trainable_params
+from otel_llm.probes.optimizer import OptimizerProbe, parameter_device, trainable_params
 from otel_llm.probes.registry import build_probes
 from otel_llm.runtime import fork
 from otel_llm.runtime.log_once import once
@@ -98,12 +101,17 @@ def _describe_value(value: object) -> str:
     return type(value).__name__
 
 
-def check_types(model: object, optimizer: object) -> None:
-    """ValueError unless model/optimizer are None or a torch Module/Optimizer."""
+def check_types(model: object, optimizer: object) -> torch.optim.Optimizer | None:
+    """The torch optimizer to follow (the one inside a DeepSpeed or accelerate wrapper); ValueError for wrong types."""
     if model is not None and not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if optimizer is None:
+        return None
+    inner = innermost_optimizer(optimizer)
+    if inner is None:
+        raise ValueError("optimizer must be a torch.optim.Optimizer or a wrapper of one (DeepSpeed, accelerate), "
+                         f"got {type(optimizer).__name__}")
+    return inner
 
 
 class Instrumentation:
@@ -113,10 +121,10 @@ class Instrumentation:
     the training loop: a failing probe is logged once and skipped for the step.
     """
 
-    def __init__(self, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None, *,
+    def __init__(self, model: torch.nn.Module | None = None, optimizer: Any = None, *,
                  config: Config | None = None, meter_provider: MeterProvider | None = None,
                  bundle: ProviderBundle | None = None, extra_readers: Iterable[MetricReader] = ()) -> None:
-        check_types(model, optimizer)
+        optimizer = check_types(model, optimizer)
         self.config = config if config is not None else Config()
         schema = load_schema(self.config.schema_path) if self.config.schema_path else ()
         if bundle is not None:
@@ -137,6 +145,9 @@ class Instrumentation:
         self._handles: list[RemovableHandle] = []
         self._optimizer: weakref.ref[torch.optim.Optimizer] | None = None
         self._gradients_read_externally = False
+        self._update_depth = 0
+        """Nesting of DeepSpeed wrapper ``step()`` calls in progress: inner torch steps are parts of one update."""
+        self._inner_steps = 0
         self._overhead = 0.0
         self._lock = threading.Lock()
         self._started = time.monotonic()
@@ -154,6 +165,7 @@ class Instrumentation:
         if model is not None:
             self._model = weakref.ref(model)
         self._probes.start(model, self._clock.sampled, adopt=self._adopt_model)
+        UPDATE.add_listener(self._on_update)
         _sessions.add(self)
         install_sigterm_handler(_shutdown_all, self.config.shutdown_timeout)
 
@@ -182,8 +194,9 @@ class Instrumentation:
         """The scrape URL of this session's Prometheus endpoint, if it serves one."""
         return self._bundle.prometheus_url
 
-    def attach(self, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def attach(self, model: torch.nn.Module | None = None, optimizer: Any = None) -> None:
         """Point an existing session at a model/optimizer (e.g. an explicit call under zero-code)."""
+        optimizer = check_types(model, optimizer)
         if model is not None and self._model is None:
             self._attach_model(model)
         if optimizer is not None:
@@ -271,6 +284,7 @@ class Instrumentation:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        UPDATE.remove_listener(self._on_update)
         self._probes.detach()
         if fork.forked:
             return
@@ -308,6 +322,8 @@ class Instrumentation:
             _logger.info("otel_llm: no model was seen training before the first optimizer step; token counts and "
                          "model signals need instrument(model=...)")
             return
+        if self._update_depth:  # DeepSpeed steps flat copies of the model's parameters: no module owns them
+            return
         owned = {id(p) for p in model.parameters()}
         if not any(id(p) in owned for p in trainable_params(optimizer)):
             _logger.warning("otel_llm: the model adopted at its first training forward (%s) owns none of the "
@@ -322,7 +338,7 @@ class Instrumentation:
 
     # -- optimizer hooks ----------------------------------------------------------
     def _on_pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if not self._gradients_read_externally:
+        if not self._gradients_read_externally and not initializing():
             self._pre_step(optimizer)
 
     def _pre_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -338,8 +354,43 @@ class Instrumentation:
         self._overhead += time.perf_counter() - started
 
     def _on_post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if fork.forked or self._optimizer is None or self._optimizer() is not optimizer:
+        if fork.forked or self._optimizer is None or self._optimizer() is not optimizer or initializing():
             return
+        if self._update_depth:  # one group of a DeepSpeed update: the update ends when its wrapper returns
+            self._inner_steps += 1
+            return
+        self._end_step(optimizer)
+
+    def _on_update(self, wrapper: Any, begins: bool) -> None:
+        """A DeepSpeed wrapper's ``step()`` begins or returns: the bounds of one update of its torch optimizer."""
+        if fork.forked or self.closed:
+            return
+        optimizer = innermost_optimizer(wrapper)
+        if optimizer is None or not self._owns(optimizer):
+            return
+        probe = self._probes.get(OptimizerProbe)
+        if begins:
+            self._update_depth += 1
+            if self._update_depth == 1:
+                self._inner_steps = 0
+                if probe is not None:
+                    probe.begin_update(wrapper)
+            return
+        self._update_depth = max(0, self._update_depth - 1)
+        if self._update_depth:
+            return
+        if self._inner_steps:
+            if probe is not None:
+                probe.end_update(wrapper)
+            self._end_step(optimizer)
+        else:  # the wrapper skipped the update (fp16 overflow): not a training step
+            if probe is not None:
+                probe.reset()
+            self._publisher.submit(Publication(step=self._clock.step, sampled=False,
+                                               counters=[(TRAIN_SKIPPED_STEPS, {}, 1)], durations=[]))
+
+    def _end_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """One optimizer update is complete: publish it and advance the step clock."""
         now = time.perf_counter()
         with self._lock:
             durations = self._clock.durations(now)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,18 +14,7 @@ if TYPE_CHECKING:
 
     from otel_llm.config import Config
 
-__all__ = ["TrainingRun", "innermost_optimizer"]
-
-
-def innermost_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
-    """The torch optimizer inside wrappers such as accelerate's ``AcceleratedOptimizer``.
-
-    Wrappers subclass ``torch.optim.Optimizer`` without its hook machinery; only the
-    wrapped optimizer's ``step()`` runs the step hooks the session relies on.
-    """
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+__all__ = ["TrainingRun"]
 
 
 class TrainingRun:

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from otel_llm.integrations._run import TrainingRun, innermost_optimizer
+from otel_llm.integrations._run import TrainingRun
+from otel_llm.probes._wrappers import innermost_optimizer
 
 try:
     from lightning.pytorch import Callback

@@ -11,7 +11,10 @@ Hugging Face Trainer, and plain scripts):
 * ``clip_grads_with_norm_`` (after ``get_total_norm``, accelerate's mixed-mesh
   path): the ``total_norm`` it is given;
 
-and FSDP's ``FullyShardedDataParallel.clip_grad_norm_``. Only the outermost
+FSDP's ``FullyShardedDataParallel.clip_grad_norm_``, and DeepSpeed's own
+``clip_grad_norm_`` where its engine clips an fp32 stage-0 run (the ZeRO and
+fp16/bf16 wrappers clip inside their ``step()``: see
+:mod:`otel_llm.probes._deepspeed`). Only the outermost
 clip call is delivered, so an implementation built on another one is not seen twice.
 """
 
@@ -142,3 +145,4 @@ CLIP.patch(torch.nn.utils, "clip_grad_norm_", _around_clip_grad_norm)
 CLIP.patch(torch.nn.utils, "clip_grad_norm", _around_clip_grad_norm)
 CLIP.patch(torch.nn.utils, "clip_grads_with_norm_", _around_with_norm)
 CLIP.patch("torch.distributed.fsdp:FullyShardedDataParallel", "clip_grad_norm_", _around_fsdp)
+CLIP.patch("deepspeed.runtime.engine", "clip_grad_norm_", _around_clip_grad_norm)  # stage 0 fp32: same signature

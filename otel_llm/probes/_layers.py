@@ -43,7 +43,8 @@ def _is_stack(module: nn.Module) -> bool:
 
 
 def _parameter_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())  # parameters() already skips shared tensors
+    # parameters() already skips shared tensors; a ZeRO-3 parameter holds none locally, its size is ds_numel
+    return sum(getattr(p, "ds_numel", None) or p.numel() for p in module.parameters())
 
 
 def find_layer_stack(model: nn.Module, path: str | None = None) -> tuple[str, nn.Module] | None:

@@ -18,6 +18,7 @@ the update.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from numbers import Real
 from typing import TYPE_CHECKING, Any, cast
 
@@ -34,6 +35,7 @@ from otel_llm.catalog import (
     TRAIN_LEARNING_RATE,
 )
 from otel_llm.probes._clip_calls import CLIP, ClipCall
+from otel_llm.probes._deepspeed import Partitions, Segments, clip_bound, partitions, pre_clip_norm
 from otel_llm.probes._measuring import measuring
 from otel_llm.probes._update_sample import CoordinateSample
 from otel_llm.probes.base import Probe, StepPlan, StepValues
@@ -84,36 +86,74 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 class ShardReducer:
     """Turns per-tensor partial sums into global sums for a fixed list of parameters.
 
-    Sharded tensors contribute their local partial sums; replicated ones (plain
-    tensors, present whole on every rank) contribute 1/world of theirs, so one
-    SUM all-reduce over the shard group yields every global total exactly.
+    Sharded tensors (FSDP2 DTensor shards, DeepSpeed's flat partitions) contribute
+    their local partial sums; replicated ones (plain tensors, present whole on every
+    rank) contribute 1/world of theirs, so one SUM all-reduce over the shard group
+    yields every global total exactly. Statistics are taken over :meth:`views`: a
+    partition's parameter-holding segments (never its padding), else the tensor itself.
     """
 
-    def __init__(self, params: list[torch.Tensor]) -> None:
+    def __init__(self, params: list[torch.Tensor], partitions: Partitions | None = None) -> None:
+        self.group: Any = None
+        self._segments: list[Segments | None] = [None] * len(params)
+        if partitions is not None and all(id(p) in partitions.segments for p in params):
+            self._segments = [partitions.segments[id(p)] for p in params]
+            self.owner = [index for index, segments in enumerate(self._segments) for _ in cast(Segments, segments)]
+            self.weights = [1.0] * len(self.owner)
+            self.sharded = [True] * len(self.owner)
+            if _distributed():
+                import torch.distributed as dist
+
+                self.group = partitions.group if partitions.group is not None else dist.group.WORLD
+            return
+        self.owner = list(range(len(params)))
+        self.weights = [1.0] * len(params)
         dtensor = _dtensor_type()
-        sharded = [dtensor is not None and isinstance(p, dtensor)
-                   and any(pl.is_shard() for pl in cast(Any, p).placements) for p in params]
-        self.group = None
-        self.weights: list[float] = [1.0] * len(params)
-        if any(sharded):
-            first: Any = params[sharded.index(True)]
+        self.sharded = [dtensor is not None and isinstance(p, dtensor)
+                        and any(pl.is_shard() for pl in cast(Any, p).placements) for p in params]
+        if any(self.sharded):
+            first: Any = params[self.sharded.index(True)]
             self.group = first.device_mesh.get_group()
             import torch.distributed as dist
 
             world = dist.get_world_size(self.group)
-            self.weights = [1.0 if s else 1.0 / world for s in sharded]
-        self.sharded = sharded
+            self.weights = [1.0 if s else 1.0 / world for s in self.sharded]
 
-    def sums(self, partials: list[torch.Tensor]) -> torch.Tensor:
-        """Global totals of a stack of per-tensor partials, shape (k, n_tensors) -> (k,)."""
+    def views(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The parts of ``tensors`` (the parameters, their gradients or values) that statistics read."""
+        out: list[torch.Tensor] = []
+        for tensor, segments in zip(tensors, self._segments):
+            local = _local(tensor)
+            if segments is None:
+                out.append(local)
+            else:
+                flat = local.reshape(-1)
+                out.extend(flat.narrow(0, offset, length) for offset, length in segments)
+        return out
+
+    def local(self, partials: list[torch.Tensor]) -> torch.Tensor:
+        """This rank's weighted totals of a stack of per-tensor partials, shape (k, n_tensors) -> (k,)."""
         stacked = torch.stack(partials).double()
         weights = torch.tensor(self.weights, dtype=torch.float64, device=stacked.device)
-        totals = (stacked * weights).sum(dim=1)
-        if self.group is not None:
-            import torch.distributed as dist
+        return (stacked * weights).sum(dim=1)
 
-            dist.all_reduce(totals, group=self.group)
-        return totals
+    def sums(self, partials: list[torch.Tensor]) -> torch.Tensor:
+        """Global totals of a stack of per-tensor partials (one all-reduce when sharded)."""
+        return _all_reduce(self.local(partials), self.group)
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _all_reduce(totals: torch.Tensor, group: Any) -> torch.Tensor:
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(totals, group=group)
+    return totals
 
 
 def _squares(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -132,10 +172,38 @@ def _above(tensors: list[torch.Tensor], threshold: float, device: torch.device) 
     return torch.stack([n.to(device, torch.float64) for n in torch._foreach_norm(excess, 0)])
 
 
+@dataclass
+class _Update:
+    """One optimizer update's local partial sums, over however many inner torch steps it took.
+
+    A plain loop steps once per update; DeepSpeed steps its torch optimizer once per
+    param group or sub-group, each time over another flat partition.
+    """
+
+    step: int
+    sampled: bool
+    grads: torch.Tensor | None = None
+    """This rank's totals: sum g^2, then (sampled) count |g| > threshold, size, and both per family."""
+    group: Any = None
+    seen: set[tuple[int, ...]] = field(default_factory=set)
+    """The parameter lists of the inner steps so far (DeepSpeed: one flat partition each)."""
+    families: set[str] = field(default_factory=set)
+    """Families with a member among the update's gradients."""
+    before: list[tuple[list[torch.Tensor], list[torch.Tensor], ShardReducer]] = field(default_factory=list)
+    """Per inner step: its parameters, their values before the step, and how to sum over them."""
+
+    def add_grads(self, totals: torch.Tensor, group: Any) -> None:
+        self.grads = totals if self.grads is None else self.grads + totals.to(self.grads.device)
+        if group is not None:
+            self.group = group
+
+
 class OptimizerProbe(Probe):
     """Computes #1-#4, the pre-clip gradient norm, clipped steps and the learning rates for the followed optimizer.
 
     Always built: the sampler reads its gradient norm (a non-finite norm tightens sampling).
+    Partial sums of every inner step of an update are summed over ranks with one
+    all-reduce when the update ends.
     """
 
     name = "optimizer"
@@ -148,7 +216,9 @@ class OptimizerProbe(Probe):
         self._sample = CoordinateSample(config.update_sample_size, config.update_sample_seed)
         self._updates = self.enabled(PARAM_UPDATE_RATIO) or self.enabled(PARAM_UPDATE_VARIANCE_RATIO)
         self._prev_norm: tuple[int, torch.Tensor] | None = None
-        self._reducer: tuple[tuple[int, ...], ShardReducer] | None = None
+        self._reducers: dict[tuple[int, ...], ShardReducer] = {}
+        self._partitions: tuple[int, Partitions | None] | None = None
+        self._wrapper_norm: tuple[torch.Tensor | float, float] | None = None
         self._families: dict[str, set[int]] = {}
         self._clips: list[ClipCall] = []
         self.reset()
@@ -164,22 +234,51 @@ class OptimizerProbe(Probe):
                        if kept.parameters and clip.parameters and not kept.parameters & clip.parameters]
         self._clips.append(clip)
 
-    def _pre_clip_norm(self) -> torch.Tensor | None:
-        """The global L2 norm the step's clip calls computed, or None when there were none (or not L2)."""
-        clips = self._clips
-        if not clips or any(clip.norm_type != 2.0 for clip in clips):
+    def begin_update(self, wrapper: object) -> None:
+        """A DeepSpeed wrapper's update begins: its partitions say how to sum the inner steps' tensors."""
+        if self._partitions is None or self._partitions[0] != id(wrapper):
+            self._partitions = (id(wrapper), partitions(wrapper))
+            self._reducers.clear()
+        self._wrapper_norm = None
+
+    def end_update(self, wrapper: object) -> None:
+        """The update ended: keep the pre-clip norm and the clip bound the wrapper used."""
+        norm = pre_clip_norm(wrapper)
+        self._wrapper_norm = (norm, clip_bound(wrapper)) if norm is not None else None
+
+    def _clipped_l2(self) -> bool:
+        """Whether the step's clip calls computed the L2 norm (then an unsampled step need not)."""
+        return bool(self._clips) and all(clip.norm_type == 2.0 for clip in self._clips)
+
+    def _pre_clip_norm(self, device: torch.device) -> torch.Tensor | None:
+        """The global L2 norm computed before clipping (DeepSpeed's, else the step's clip calls'), or None."""
+        if self._wrapper_norm is not None:
+            norm = self._wrapper_norm[0]
+            if isinstance(norm, torch.Tensor):
+                return norm.detach().to(device, torch.float32).reshape(())
+            return torch.tensor(float(norm), dtype=torch.float32, device=device)
+        if not self._clipped_l2():
             return None
-        norms = [_full(clip.total_norm.detach()) for clip in clips]
+        norms = [_full(clip.total_norm.detach()) for clip in self._clips]
         if len(norms) == 1:
-            return norms[0]
-        device = norms[0].device
+            return norms[0].to(device)
         return torch.stack([n.to(device, torch.float32) for n in norms]).square().sum().sqrt()
 
     def tally(self) -> StepValues:
-        """Whether the step's clip calls scaled the gradients, counted on the device."""
+        """Whether the step's clip calls (or DeepSpeed's clipping) scaled the gradients, counted on the device."""
+        self._conclude()
         values = StepValues()
         clips, self._clips = self._clips, []
-        if clips and self.enabled(GRAD_CLIPPED_STEPS):
+        wrapper_norm, self._wrapper_norm = self._wrapper_norm, None
+        if not self.enabled(GRAD_CLIPPED_STEPS):
+            return values
+        if wrapper_norm is not None:
+            norm, bound = wrapper_norm
+            if bound > 0:
+                scaled = norm + 1e-6 > bound  # DeepSpeed's rule, as torch's
+                values.count(GRAD_CLIPPED_STEPS, scaled.to(torch.int64) if isinstance(scaled, torch.Tensor)
+                             else int(scaled))
+        elif clips:
             device = clips[0].total_norm.device
             scaled = torch.stack([_full(clip.scaled).to(device) for clip in clips]).any()
             values.count(GRAD_CLIPPED_STEPS, scaled.to(torch.int64))
@@ -190,85 +289,114 @@ class OptimizerProbe(Probe):
         self._families = {name: {id(p) for p in params} for name, params in lora_param_families(model).items()}
 
     def reset(self) -> None:
-        """Forget the current step's partial results (after a failure)."""
-        self._before: list[torch.Tensor] | None = None
+        """Forget the current update's partial results (after a failure)."""
+        self._update: _Update | None = None
         self._out = StepValues()
 
     def _reducer_for(self, params: list[torch.Tensor]) -> ShardReducer:
         key = tuple(id(p) for p in params)
-        if self._reducer is None or self._reducer[0] != key:
-            self._reducer = (key, ShardReducer(params))
-        return self._reducer[1]
+        reducer = self._reducers.get(key)
+        if reducer is None:
+            if len(self._reducers) >= 64:  # parameter lists that changed: keep only recent ones
+                self._reducers.clear()
+            reducer = self._reducers[key] = ShardReducer(
+                params, self._partitions[1] if self._partitions is not None else None)
+        return reducer
 
     @measuring()
     def before_update(self, optimizer: torch.optim.Optimizer, plan: StepPlan) -> None:
+        """One inner step's gradients (and, sampled, parameters before the step) into the update's partial sums."""
         step, sampled = plan.step, plan.sampled
         if not (sampled or plan.next_sampled):
             return
-        pre_clip = self._pre_clip_norm()
-        norm = pre_clip
-        with_grad = [p for p in trainable_params(optimizer) if p.grad is not None and not p.grad.is_sparse]
-        if with_grad and (sampled or pre_clip is None):
-            norm = self._gradient_statistics(with_grad, step, sampled, pre_clip)
-        if sampled and self._updates:
-            params = [_local(p.detach()) for p in trainable_params(optimizer)]
-            self._before = list(torch._foreach_mul(params, 1.0)) if params else None
-        self._prev_norm = (step, norm) if norm is not None else None
+        params = trainable_params(optimizer)
+        with_grad = [p for p in params if p.grad is not None and not p.grad.is_sparse]
+        key = tuple(id(p) for p in params)
+        update = self._update
+        if update is None or update.step != step or key in update.seen:  # the same tensors again: read anew
+            update = self._update = _Update(step, sampled)
+        update.seen.add(key)
+        if with_grad and (sampled or not self._clipped_l2()):
+            reducer = self._reducer_for(with_grad)
+            update.add_grads(reducer.local(self._gradient_partials(with_grad, reducer, sampled, update)),
+                             reducer.group)
+        if sampled and self._updates and params:
+            reducer = self._reducer_for(params)
+            before = list(torch._foreach_mul(reducer.views([p.detach() for p in params]), 1.0))
+            update.before.append((params, before, reducer))
 
-    def _gradient_statistics(self, with_grad: list[torch.Tensor], step: int, sampled: bool,
-                             pre_clip: torch.Tensor | None) -> torch.Tensor:
-        """The global norm (the clip's, when it computed one) and, on sampled steps, #1 and #2 into the output."""
-        reducer = self._reducer_for(with_grad)
-        grads = [_local(cast(torch.Tensor, p.grad).detach()) for p in with_grad]
+    def _gradient_partials(self, with_grad: list[torch.Tensor], reducer: ShardReducer, sampled: bool,
+                           update: _Update) -> list[torch.Tensor]:
+        """Per view: squared norm; sampled, also elements above the threshold and size."""
+        grads = reducer.views([cast(torch.Tensor, p.grad).detach() for p in with_grad])
         device = grads[0].device
         partials = [_squares(grads, device)]
-        groups: list[str] = []
         if sampled:
             above = _above(grads, self._threshold, device)
             sizes = torch.tensor([float(g.numel()) for g in grads], dtype=torch.float64, device=device)
             partials += [above, sizes]
             for name, members in self._families.items():
-                chosen = [id(p) in members for p in with_grad]
+                chosen = [id(with_grad[owner]) in members for owner in reducer.owner]
                 if any(chosen):
-                    mask = torch.tensor(chosen, dtype=torch.float64, device=device)
-                    partials += [above * mask, sizes * mask]
-                    groups.append(name)
-        totals = reducer.sums(partials)
-        norm = totals[0].sqrt().float() if pre_clip is None else pre_clip.to(device)
-        if sampled:
-            self._out = StepValues()
-            self._out.gauge(GRAD_NORM, norm)
-            if self._prev_norm is not None and self._prev_norm[0] == step - 1:
-                previous = self._prev_norm[1].to(norm.device)
-                self._out.gauge(GRAD_NORM_DECAY_RATE, (previous - norm) / (previous + 1e-8))
-            self._out.gauge(GRAD_SPARSITY, (totals[2] - totals[1]) / totals[2], {ATTR_PARAM_GROUP: "all"})
-            for offset, name in enumerate(groups):
-                above_total, size_total = totals[3 + 2 * offset], totals[4 + 2 * offset]
-                self._out.gauge(GRAD_SPARSITY, (size_total - above_total) / size_total, {ATTR_PARAM_GROUP: name})
-        return norm
+                    update.families.add(name)
+                mask = torch.tensor(chosen, dtype=torch.float64, device=device)
+                partials += [above * mask, sizes * mask]
+        return partials
+
+    def _conclude(self) -> None:
+        """Sum the update's partials over ranks (one all-reduce) into the norm and, sampled, #1-#4."""
+        update, self._update = self._update, None
+        if update is None:
+            return
+        local: list[torch.Tensor] = [] if update.grads is None else [update.grads]
+        group = update.group
+        deltas: list[tuple[list[torch.Tensor], ShardReducer]] = []
+        for params, before, reducer in update.before:
+            delta = torch._foreach_sub(reducer.views([p.detach() for p in params]), before)
+            local.append(reducer.local([_squares(delta, before[0].device), _squares(before, before[0].device)]))
+            deltas.append((list(delta), reducer))
+            group = reducer.group if reducer.group is not None else group
+        if not local:
+            return
+        device = local[0].device
+        totals = _all_reduce(torch.cat([t.to(device) for t in local]), group)
+        grad_count = 0 if update.grads is None else update.grads.numel()
+        norm = self._pre_clip_norm(device)
+        if norm is None and grad_count:
+            norm = totals[0].sqrt().float()
+        previous = self._prev_norm
+        if norm is not None:
+            self._prev_norm = (update.step, norm)
+        if not update.sampled:
+            return
+        out = self._out
+        if norm is not None:
+            out.gauge(GRAD_NORM, norm)
+            if previous is not None and previous[0] == update.step - 1:
+                before_norm = previous[1].to(norm.device)
+                out.gauge(GRAD_NORM_DECAY_RATE, (before_norm - norm) / (before_norm + 1e-8))
+        if grad_count:
+            out.gauge(GRAD_SPARSITY, (totals[2] - totals[1]) / totals[2], {ATTR_PARAM_GROUP: "all"})
+            for offset, name in enumerate(self._families):
+                if name in update.families:
+                    above_total, size_total = totals[3 + 2 * offset], totals[4 + 2 * offset]
+                    out.gauge(GRAD_SPARSITY, (size_total - above_total) / size_total, {ATTR_PARAM_GROUP: name})
+        if deltas:
+            update_totals = totals[grad_count:].reshape(-1, 2).sum(dim=0)
+            out.gauge(PARAM_UPDATE_RATIO, (update_totals[0] / update_totals[1]).sqrt())
+            replicated = [d for delta, reducer in deltas for d, sharded in zip(delta, reducer.sharded) if not sharded]
+            if replicated:
+                out.gauge(PARAM_UPDATE_VARIANCE_RATIO, self._sample.variance_ratio(replicated))
+            else:  # every coordinate lives on exactly one rank: ranks cannot disagree about it
+                out.gauge(PARAM_UPDATE_VARIANCE_RATIO, torch.zeros((), dtype=torch.float64, device=device))
 
     @measuring()
     def finish(self, optimizer: torch.optim.Optimizer) -> StepValues:
         """The sampled step's signals; the gradient ones exist after a sampled :meth:`before_update`."""
+        self._conclude()
         out, self._out = self._out, StepValues()
         for index, group in enumerate(optimizer.param_groups):
             lr = group.get("lr")
             if isinstance(lr, (Real, torch.Tensor)):  # Adafactor(relative_step=True) keeps lr=None
                 out.gauge(TRAIN_LEARNING_RATE, float(lr), {ATTR_PARAM_GROUP: str(index)})
-        before, self._before = self._before, None
-        if before is None:
-            return out
-        params = trainable_params(optimizer)
-        if len(params) != len(before):  # param groups changed during the step: no honest update ratio
-            return out
-        reducer = self._reducer_for(params)
-        delta = torch._foreach_sub([_local(p.detach()) for p in params], before)
-        device = before[0].device
-        totals = reducer.sums([_squares(delta, device), _squares(before, device)])
-        out.gauge(PARAM_UPDATE_RATIO, (totals[0] / totals[1]).sqrt())
-        replicated = [d for d, sharded in zip(delta, reducer.sharded) if not sharded]
-        if replicated:
-            out.gauge(PARAM_UPDATE_VARIANCE_RATIO, self._sample.variance_ratio(replicated))
-        else:  # every coordinate lives on exactly one rank: ranks cannot disagree about it
-            out.gauge(PARAM_UPDATE_VARIANCE_RATIO, torch.zeros((), dtype=torch.float64, device=device))
         return out

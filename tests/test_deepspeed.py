@@ -1,0 +1,128 @@
+"""DeepSpeed ZeRO 0-3 on CPU (gloo, 2 ranks): exported values equal one plain-torch process on the global batch.
+
+The workers (tests/dist/deepspeed_worker.py) run real DeepSpeed with its CPU
+accelerator; this process never imports it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_distributed import BIN, clean_env, finish, free_base_port, results, torchrun
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "dist" / "deepspeed_worker.py"
+GAUGES = ("llm.grad.norm", "llm.grad.sparsity", "llm.param.update_ratio", "llm.train.loss")
+STEPS, TOKENS_PER_STEP = 3, 2 * 16
+
+EXPECTED_WRAPPERS = {
+    ("0", "fp32"): "AdamW", ("0", "bf16"): "FP16_UnfusedOptimizer", ("0", "fp16"): "FP16_UnfusedOptimizer",
+    ("1", "fp32"): "DeepSpeedZeroOptimizer", ("1", "bf16"): "DeepSpeedZeroOptimizer",
+    ("2", "fp32"): "DeepSpeedZeroOptimizer", ("2", "bf16"): "DeepSpeedZeroOptimizer",
+    ("3", "fp32"): "DeepSpeedZeroOptimizer_Stage3", ("3", "bf16"): "DeepSpeedZeroOptimizer_Stage3",
+}
+
+
+def env() -> dict[str, str]:
+    return clean_env(DS_ACCELERATOR="cpu", OTEL_LLM_SAMPLING_INTERVAL="1")
+
+
+def relative(value: float, expected: float) -> float:
+    return abs(value - expected) / max(abs(expected), 1e-12)
+
+
+def check_steps(name: str, steps: list[dict], precision: str) -> None:
+    """Every step's exported gauges against the reference, DeepSpeed's own norm and the counters."""
+    # fp32 is exact up to summation order; bf16 trains a bf16 model against the fp32 reference
+    tolerance = 1e-4 if precision == "fp32" else 2e-2
+    clipped = 0
+    for index, step in enumerate(steps):
+        exported, reference = step["exported"], step["reference"]
+        for signal in GAUGES:
+            assert exported[signal] is not None, (name, index, signal)
+            if signal == "llm.grad.sparsity" and precision != "fp32":
+                assert abs(exported[signal] - reference[signal]) <= 0.02, (name, index, signal, step)
+            else:
+                assert relative(exported[signal], reference[signal]) <= tolerance, (name, index, signal, step)
+        # every coordinate is updated on exactly one rank (ZeRO) or identically on all (stage 0)
+        assert abs(exported["llm.param.update_variance_ratio"]) <= 1e-12, (name, index, step)
+        if step["deepspeed_norm"] is not None:  # the pre-clip norm DeepSpeed itself reports
+            assert relative(exported["llm.grad.norm"], step["deepspeed_norm"]) <= 1e-6, (name, index, step)
+        clipped += int(reference["clipped"])
+        counters = step["counters"]
+        assert counters["llm.train.steps"] == index + 1, (name, index, counters)
+        assert counters["llm.train.tokens"] == (index + 1) * TOKENS_PER_STEP, (name, index, counters)
+        assert (counters["llm.grad.clipped_steps"] or 0) == clipped, (name, index, counters)
+        assert not counters["llm.train.skipped_steps"], (name, index, counters)
+
+
+def test_every_stage_precision_and_param_grouping_exports_global_values_on_every_rank(tmp_path):
+    finish(torchrun(2, str(WORKER), "matrix", "--out", str(tmp_path), env=env(), cwd=tmp_path), timeout=600)
+    ranks = results(tmp_path, 2)
+    runs = ranks[0]["runs"]
+    assert len(runs) == 32 + (1 if ranks[0]["fp16"] else 0)
+    assert sum(run["padding"] for run in ranks[1]["runs"].values()) > 0  # partitions with padding were covered
+    for name, run in runs.items():
+        stage, precision = name.split("-")[0].removeprefix("stage"), name.split("-")[-1]
+        assert run["wrapper"] == EXPECTED_WRAPPERS[(stage, precision)], name
+        for rank in ranks:
+            check_steps(name, rank["runs"][name]["steps"], precision)
+        for first, second in zip(runs[name]["steps"], ranks[1]["runs"][name]["steps"]):
+            for signal in ("llm.grad.norm", "llm.grad.sparsity", "llm.param.update_ratio"):
+                assert relative(first["exported"][signal], second["exported"][signal]) <= 1e-6, (name, signal)
+
+
+def test_instrument_with_the_client_optimizer_after_initialize(tmp_path):
+    finish(torchrun(2, str(WORKER), "client", "--out", str(tmp_path), env=env(), cwd=tmp_path), timeout=300)
+    for rank in results(tmp_path, 2):
+        for name, run in rank["runs"].items():
+            check_steps(name, run["steps"], "fp32")
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_zero_code_under_torchrun_scrapes_global_values(tmp_path, stage):
+    base = free_base_port(2)
+    environment = env()
+    environment.update(OTEL_METRICS_EXPORTER="prometheus", OTEL_EXPORTER_PROMETHEUS_PORT=str(base),
+                       OTEL_TRACES_EXPORTER="none", OTEL_LOGS_EXPORTER="none")
+    finish(torchrun(2, "--no-python", str(BIN / "opentelemetry-instrument"), sys.executable, str(WORKER),
+                    "zero_code", "--stage", str(stage), "--out", str(tmp_path), env=environment, cwd=tmp_path),
+           timeout=300)
+    for rank in results(tmp_path, 2):
+        scraped, last = rank["scraped"], rank["steps"][-1]
+        reference = last["reference"]
+        assert relative(scraped["llm_grad_norm"], reference["llm.grad.norm"]) <= 1e-4
+        assert relative(scraped["llm_grad_norm"], last["deepspeed_norm"]) <= 1e-6
+        assert relative(scraped["llm_grad_sparsity"], reference["llm.grad.sparsity"]) <= 1e-4
+        assert relative(scraped["llm_param_update_ratio"], reference["llm.param.update_ratio"]) <= 1e-4
+        assert relative(scraped["llm_train_loss"], reference["llm.train.loss"]) <= 1e-4
+        assert scraped["llm_train_steps_total"] == STEPS
+        assert scraped["llm_train_tokens_total"] == STEPS * TOKENS_PER_STEP
+        assert scraped["llm_grad_clipped_steps_total"] == sum(s["reference"]["clipped"] for s in rank["steps"])
+        assert scraped["llm_activation_sparsity"] >= 0  # the layer stack was found (ZeRO-3: sizes in ds_numel)
+        assert "llm_attention_logit_max" in scraped
+        assert not rank["warnings"], rank["warnings"]
+
+
+def test_a_skipped_update_is_counted_apart_and_not_as_a_step(tmp_path):
+    finish(torchrun(2, str(WORKER), "overflow", "--out", str(tmp_path), env=env(), cwd=tmp_path), timeout=300)
+    for rank in results(tmp_path, 2):
+        assert rank["deepspeed_skipped"] == 1
+        assert rank["counters"]["llm.train.skipped_steps"] == 1
+        assert rank["counters"]["llm.train.steps"] == STEPS - 1
+        assert rank["exported_norm"] == pytest.approx(rank["deepspeed_norm"], rel=1e-6)
+
+
+def test_deepspeed_is_not_imported_by_otel_llm():
+    code = ("import sys, torch, otel_llm; s = otel_llm.instrument(torch.nn.Linear(2, 2), "
+            "torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1), config=otel_llm.Config(exporters='none'));"
+            "s.shutdown(); print('deepspeed' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), cwd=ROOT,
+                         timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]
