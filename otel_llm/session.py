@@ -47,7 +47,7 @@ from otel_llm.pipeline.transfer import CounterPoint, HostStep, Publication, to_h
 from otel_llm.probes._deepspeed import UPDATE, initializing
 from otel_llm.probes._wrappers import innermost_optimizer
 from otel_llm.probes.base import StepValues, log_failure
-from otel_llm.probes.loss import LossProbe
+from otel_llm.probes.loss import TRAINING_STEP, LossProbe, inside_training_step
 from otel_llm.probes.optimizer import OptimizerProbe, parameter_device, trainable_params
 from otel_llm.probes.registry import build_probes
 from otel_llm.runtime import fork
@@ -146,6 +146,8 @@ class Instrumentation:
         self._optimizer: weakref.ref[torch.optim.Optimizer] | None = None
         self._gradients_read_externally = False
         self._update_depth = 0
+        self._deferred: torch.optim.Optimizer | None = None
+        """An update that completed inside ``Trainer.training_step``: it ends when that call returns."""
         """Nesting of DeepSpeed wrapper ``step()`` calls in progress: inner torch steps are parts of one update."""
         self._inner_steps = 0
         self._overhead = 0.0
@@ -166,6 +168,7 @@ class Instrumentation:
             self._model = weakref.ref(model)
         self._probes.start(model, self._clock.sampled, adopt=self._adopt_model)
         UPDATE.add_listener(self._on_update)
+        TRAINING_STEP.add_listener(self._after_training_step)  # after the loss probe's: it has the loss then
         _sessions.add(self)
         install_sigterm_handler(_shutdown_all, self.config.shutdown_timeout)
 
@@ -285,6 +288,7 @@ class Instrumentation:
             handle.remove()
         self._handles.clear()
         UPDATE.remove_listener(self._on_update)
+        TRAINING_STEP.remove_listener(self._after_training_step)
         self._probes.detach()
         if fork.forked:
             return
@@ -389,8 +393,21 @@ class Instrumentation:
             self._publisher.submit(Publication(step=self._clock.step, sampled=False,
                                                counters=[(TRAIN_SKIPPED_STEPS, {}, 1)], durations=[]))
 
+    def _after_training_step(self, result: Any) -> None:
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None and not inside_training_step():
+            self._end_step(deferred)
+        else:
+            self._deferred = deferred
+
     def _end_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """One optimizer update is complete: publish it and advance the step clock."""
+        """One optimizer update is complete: publish it and advance the step clock.
+
+        An update inside ``Trainer.training_step`` ends when that call has returned its loss.
+        """
+        if inside_training_step():
+            self._deferred = optimizer
+            return
         now = time.perf_counter()
         with self._lock:
             durations = self._clock.durations(now)

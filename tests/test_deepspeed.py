@@ -85,15 +85,26 @@ def test_instrument_with_the_client_optimizer_after_initialize(tmp_path):
             check_steps(name, run["steps"], "fp32")
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_zero_code_under_torchrun_scrapes_global_values(tmp_path, stage):
+def launch(launcher: str, stage: int, out: Path, environment: dict[str, str]) -> subprocess.Popen:
+    """The worker's zero_code mode with no otel_llm call, each rank under opentelemetry-instrument."""
+    worker = [str(WORKER), "zero_code", "--stage", str(stage), "--out", str(out)]
+    if launcher == "torchrun":  # torchrun starts `opentelemetry-instrument python worker.py` per rank
+        return torchrun(2, "--no-python", str(BIN / "opentelemetry-instrument"), sys.executable, *worker,
+                        env=environment, cwd=out)
+    # `opentelemetry-instrument deepspeed ...`: the launcher processes are told apart and export nothing
+    environment["PATH"] = f"{BIN}:{environment.get('PATH', '')}"
+    return subprocess.Popen([str(BIN / "opentelemetry-instrument"), str(BIN / "deepspeed"), "--num_gpus", "2",
+                             "--master_port", str(free_base_port(1)), *worker], env=environment, cwd=out,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.parametrize(("launcher", "stage"), [("torchrun", 1), ("torchrun", 3), ("deepspeed", 2)])
+def test_zero_code_exports_global_values_on_every_rank(tmp_path, launcher, stage):
     base = free_base_port(2)
     environment = env()
     environment.update(OTEL_METRICS_EXPORTER="prometheus", OTEL_EXPORTER_PROMETHEUS_PORT=str(base),
                        OTEL_TRACES_EXPORTER="none", OTEL_LOGS_EXPORTER="none")
-    finish(torchrun(2, "--no-python", str(BIN / "opentelemetry-instrument"), sys.executable, str(WORKER),
-                    "zero_code", "--stage", str(stage), "--out", str(tmp_path), env=environment, cwd=tmp_path),
-           timeout=300)
+    finish(launch(launcher, stage, tmp_path, environment), timeout=300)
     for rank in results(tmp_path, 2):
         scraped, last = rank["scraped"], rank["steps"][-1]
         reference = last["reference"]
@@ -126,3 +137,35 @@ def test_deepspeed_is_not_imported_by_otel_llm():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), cwd=ROOT,
                          timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]
+
+
+def test_trainer_with_a_deepspeed_config_and_the_callback_exports_what_the_trainer_logs(tmp_path):
+    """Trainer(deepspeed=ZeRO-2), clipping at a bound the norms cross, gradient accumulation 2, 2 ranks.
+
+    The Trainer logs DeepSpeed's pre-clip norm and the mean of the ranks' losses; each
+    rank exports that norm and its own loss (the update runs inside the last
+    micro-batch's training_step: its loss still belongs to the step).
+    """
+    from tests.models import padded_rows
+
+    base = free_base_port(2)
+    environment = env()
+    environment.update(OTEL_METRICS_EXPORTER="prometheus", OTEL_EXPORTER_PROMETHEUS_PORT=str(base),
+                       HF_HUB_OFFLINE="1")
+    finish(torchrun(2, str(ROOT / "tests" / "scripts" / "hf_deepspeed_train.py"), "--out", str(tmp_path),
+                    "--stage", "2", env=environment, cwd=tmp_path), timeout=300)
+    ranks = results(tmp_path, 2)
+    logged = [entry for entry in ranks[0]["log"] if "grad_norm" in entry]
+    assert len(logged) == 5 and all(len(rank["scrapes"]) == 5 for rank in ranks)
+    assert 0 < sum(entry["grad_norm"] > 0.17 for entry in logged)
+    for step, entry in enumerate(logged):
+        for rank in ranks:
+            scraped = rank["scrapes"][step]
+            assert relative(scraped["llm_grad_norm"], entry["grad_norm"]) <= 1e-6, (step, scraped)
+            assert scraped["llm_train_steps_total"] == step + 1
+            assert scraped["llm_grad_clipped_steps_total"] == sum(e["grad_norm"] > 0.17 for e in logged[:step + 1])
+        mean_loss = sum(rank["scrapes"][step]["llm_train_loss"] for rank in ranks) / 2
+        assert relative(mean_loss, entry["loss"]) <= 1e-5, (step, entry)
+    # 5 steps x 2 ranks x 2 micro-batches x 2 rows: every row of the dataset once
+    tokens = sum(rank["scrapes"][-1]["llm_train_tokens_total"] for rank in ranks)
+    assert tokens == sum(int(row["attention_mask"].sum()) for row in padded_rows(40, 64))

@@ -25,6 +25,7 @@ on-device subsample of at most ``token_loss_samples`` per-token losses.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -65,16 +66,32 @@ CROSS_ENTROPY: Interception[CrossEntropyListener] = Interception("cross_entropy"
 _PATCH = CROSS_ENTROPY.patch(F, "cross_entropy", _deliver)
 
 
+_training_step = threading.local()
+
+
 def _around_training_step(call: Callable[..., Any], listeners: tuple[Callable[[Any], None], ...],
                           args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    result = call(*args, **kwargs)
+    depth = getattr(_training_step, "depth", 0)
+    _training_step.depth = depth + 1
+    try:
+        result = call(*args, **kwargs)
+    finally:
+        _training_step.depth = depth
     for listener in listeners:
         listener(result)
     return result
 
 
+def inside_training_step() -> bool:
+    """Whether this thread is inside ``Trainer.training_step`` (DeepSpeed updates in its backward call)."""
+    return getattr(_training_step, "depth", 0) > 0
+
+
 TRAINING_STEP: Interception[Callable[[Any], None]] = Interception("training_step")
-"""The values Hugging Face ``Trainer.training_step`` returns: the loss the Trainer adds up and logs."""
+"""The values Hugging Face ``Trainer.training_step`` returns: the loss the Trainer adds up and logs.
+
+Under DeepSpeed the update runs inside the last micro-batch's ``training_step``
+(accelerate's backward steps the engine), before that micro-batch's loss is returned."""
 TRAINING_STEP.patch("transformers.trainer:Trainer", "training_step", _around_training_step)
 
 

@@ -42,12 +42,29 @@ def exports(ranks: RankInfo, policy: str) -> bool:
     return policy == "all" or ranks.rank == 0
 
 
+_LAUNCHER_SCRIPTS = ("torchrun", "deepspeed")
+_LAUNCHER_MODULES = ("torch.distributed.run", "deepspeed.launcher.launch", "deepspeed.launcher.runner")
+
+
 def is_launcher() -> bool:
-    """True in torchrun's own launcher process, which trains nothing and must not take a rank's port."""
+    """True in a launcher process (torchrun, the deepspeed launcher), which trains nothing and must not take a
+    rank's port.
+
+    Read from the interpreter's own command line: while ``site`` runs (zero code),
+    ``python -m module`` still has ``-m`` as ``sys.argv[0]``.
+    """
     import sys
 
-    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    return program == "torchrun" or (program == "run.py" and "torch/distributed" in sys.argv[0].replace("\\", "/"))
+    command = list(getattr(sys, "orig_argv", sys.argv))
+    if "-m" in command[:-1]:
+        module = command[command.index("-m") + 1]
+        return module in _LAUNCHER_MODULES
+    script = sys.argv[0] if sys.argv and sys.argv[0] not in ("", "-c", "-m") else ""
+    if not script:
+        return False
+    script = script.replace("\\", "/")
+    return os.path.basename(script) in _LAUNCHER_SCRIPTS or script.endswith(
+        tuple(module.replace(".", "/") + ".py" for module in _LAUNCHER_MODULES))
 
 
 def data_parallel_world() -> int:

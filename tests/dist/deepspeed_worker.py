@@ -300,6 +300,7 @@ def main() -> None:
     parser.add_argument("mode", choices=("matrix", "client", "zero_code", "overflow"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--stage", type=int, default=2)
+    parser.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher passes it
     args = parser.parse_args()
     torch.set_num_threads(1)
     import deepspeed
