@@ -90,6 +90,23 @@ def test_clipped_steps_are_exact_between_sampled_steps_and_unclipped_steps_use_t
     assert m.value("llm.telemetry.sampled_steps") == 3
 
 
+def test_decay_rate_between_sampled_steps_compares_the_clips_norms_of_consecutive_steps(harness):
+    """Sampled every 4th step: the step before each sampled one is not sampled, yet its clip norm is kept."""
+    model, optimizer = gpt(lr=3.0)
+    h = harness(model, optimizer, sampling_interval=4)
+    norms = []
+    for step in range(9):
+        idx, targets = batch(step)
+        _, loss = model(idx, targets)
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)))
+        optimizer.step()
+        optimizer.zero_grad()
+        if step in (4, 8):
+            decay = (norms[-2] - norms[-1]) / (norms[-2] + 1e-8)
+            assert h.collect().value("llm.grad.norm_decay_rate") == pytest.approx(decay, rel=1e-5, abs=1e-7)
+
+
 def test_a_clip_after_a_skipped_update_replaces_the_skipped_one(harness):
     """GradScaler-style: a step whose update was skipped clips again next iteration; only the taken step counts."""
     model, optimizer = gpt(lr=0.5)

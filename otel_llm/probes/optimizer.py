@@ -221,6 +221,8 @@ class OptimizerProbe(Probe):
         self._wrapper_norm: tuple[torch.Tensor | float, float] | None = None
         self._families: dict[str, set[int]] = {}
         self._clips: list[ClipCall] = []
+        self._device = torch.device("cpu")
+        """Where the followed parameters live: the norm of a step with nothing else to sum goes there."""
         self.reset()
 
     def start(self, model_known: bool) -> None:
@@ -312,6 +314,8 @@ class OptimizerProbe(Probe):
         params = trainable_params(optimizer)
         with_grad = [p for p in params if p.grad is not None and not p.grad.is_sparse]
         key = tuple(id(p) for p in params)
+        if params:
+            self._device = params[0].device
         update = self._update
         if update is None or update.step != step or key in update.seen:  # the same tensors again: read anew
             update = self._update = _Update(step, sampled)
@@ -356,18 +360,17 @@ class OptimizerProbe(Probe):
             local.append(reducer.local([_squares(delta, before[0].device), _squares(before, before[0].device)]))
             deltas.append((list(delta), reducer))
             group = reducer.group if reducer.group is not None else group
-        if not local:
-            return
-        device = local[0].device
-        totals = _all_reduce(torch.cat([t.to(device) for t in local]), group)
+        device = local[0].device if local else self._device
+        # an unsampled step before a sampled one, with the clip's norm, has no partials to sum
+        totals = _all_reduce(torch.cat([t.to(device) for t in local]), group) if local else None
         grad_count = 0 if update.grads is None else update.grads.numel()
         norm = self._pre_clip_norm(device)
-        if norm is None and grad_count:
+        if norm is None and grad_count and totals is not None:
             norm = totals[0].sqrt().float()
         previous = self._prev_norm
         if norm is not None:
             self._prev_norm = (update.step, norm)
-        if not update.sampled:
+        if not update.sampled or totals is None:
             return
         out = self._out
         if norm is not None:
