@@ -8,9 +8,8 @@ import sys
 from collections.abc import Sequence
 
 from otel_llm.catalog import CATALOG
-from otel_llm.ops import dashboard, rules
+from otel_llm.ops import dashboard, kubernetes, rules
 from otel_llm.ops.docs import config_table, metric_table, signal_guide, threshold_table
-from otel_llm.ops.promql import NAMINGS
 
 __all__ = ["main"]
 
@@ -18,7 +17,7 @@ __all__ = ["main"]
 def _table() -> str:
     header = ("name", "instrument", "unit", "attributes", "buckets")
     rows = [header] + [
-        (s.name, s.instrument, s.unit, ",".join(s.attributes) or "-",
+        (s.name, s.instrument, s.unit or "-", ",".join(s.attributes) or "-",
          ",".join(f"{b:g}" for b in s.buckets) if s.buckets else "-") for s in CATALOG]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
@@ -31,16 +30,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     catalog.add_argument("--format", choices=("table", "json", "markdown"), default="table")
     docs = commands.add_parser("docs", help="print a README section rendered from the code")
     docs.add_argument("table", choices=("metrics", "thresholds", "config", "guide"))
-    naming_help = "series names of otel_llm's endpoint (scrape) or of OTLP via a Collector/VictoriaMetrics (otlp)"
-    for name, help_text in (("rules", "print Prometheus recording and alerting rules (YAML)"),
-                            ("dashboard", "print the Grafana dashboard (JSON)")):
+    for name, help_text, formats in (
+            ("rules", "print Prometheus recording and alerting rules", ("prometheus", "prometheusrule")),
+            ("dashboard", "print the Grafana dashboard", ("json", "configmap"))):
         command = commands.add_parser(name, help=help_text)
-        command.add_argument("--naming", choices=NAMINGS, default="scrape", help=naming_help)
+        command.add_argument("--format", choices=formats, default=formats[0],
+                             help=f"{formats[0]} (default) or the Kubernetes object ({formats[1]})")
+        # series names no longer depend on the path: the old switch is accepted and ignored
+        command.add_argument("--naming", choices=("scrape", "otlp"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if getattr(args, "naming", None):
+        print("otel-llm: --naming is ignored: series names are the same on every path", file=sys.stderr)
     if args.command == "rules":
-        print(rules.render(args.naming), end="")
+        print(rules.render() if args.format == "prometheus" else kubernetes.prometheus_rule(), end="")
     elif args.command == "dashboard":
-        print(dashboard.render(args.naming), end="")
+        print(dashboard.render() if args.format == "json" else kubernetes.dashboard_configmap(), end="")
     elif args.command == "catalog":
         if args.format == "json":
             print(json.dumps([spec.to_json() for spec in CATALOG], indent=2))

@@ -66,4 +66,5 @@ def test_catalog_table_has_one_row_per_metric():
     assert [line.split()[0] for line in lines[1:]] == [s.name for s in CATALOG]
     rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
     assert rows["llm.train.step.duration"][:2] == ["histogram", "s"]
-    assert rows["llm.grad.sparsity"][:3] == ["observable_gauge", "1", "llm.param.group"]
+    assert rows["llm.grad.sparsity"][:3] == ["observable_gauge", "-", "llm.param.group"]
+    assert rows["llm.kv_cache.hit_ratio"][:2] == ["observable_gauge", "1"]
