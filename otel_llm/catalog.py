@@ -114,13 +114,12 @@ def _unit_suffix(unit: str) -> str:
 
 
 def unit_rule_broken(spec: MetricSpec) -> str | None:
-    """Why ``spec`` would get a different series name after OTLP translation, or None when it keeps one name."""
+    """Why ``spec`` breaks the unit rule (so might get another name after OTLP translation), or None."""
     words = _words(spec.name)
-    if spec.unit == RATIO and spec.instrument in ("observable_gauge", "gauge") and (
-            words[-1] != "ratio" or words.count("ratio") > 1):
-        return (f"{spec.name}: a gauge with unit '1' gets _ratio appended (and its 'ratio' word moved to the end) "
-                f"by the OTLP translations; declare DIMENSIONLESS ('') or an annotation such as {NATS!r}, or end "
-                "the name in one 'ratio'")
+    if spec.unit == RATIO and (words[-1] != "ratio" or words.count("ratio") > 1):
+        return (f"{spec.name}: unit '1' belongs to names ending in one 'ratio' (the OTLP translations append _ratio "
+                f"to a gauge with unit '1' and move its 'ratio' word to the end); declare DIMENSIONLESS ('') or an "
+                f"annotation such as {NATS!r}, or end the name in 'ratio'")
     suffix = _unit_suffix(spec.unit)
     if suffix and suffix in words[:-1]:
         return f"{spec.name}: the translations add no _{suffix} to a name holding the word {suffix!r}"
