@@ -69,7 +69,7 @@ def _current() -> Instrumentation:
     return session
 
 
-def register(name: str, instrument: str, *, unit: str = "1", description: str = "",
+def register(name: str, instrument: str, *, unit: str = "", description: str = "",
              attributes: Iterable[str] = (), buckets: Iterable[float] | None = None) -> MetricSpec:
     """Declare a custom metric on the active session (see :meth:`Instrumentation.register`)."""
     return _current().register(name, instrument, unit=unit, description=description,

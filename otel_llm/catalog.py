@@ -3,10 +3,26 @@
 Instruments, Views, the README tables, the ``otel-llm catalog`` command, alert
 rules, dashboards and which probes run are all derived from :data:`CATALOG`, so
 a name, unit, attribute, bucket boundary or family changes in exactly one place.
+
+Units follow one rule so that every path names a series alike. otel_llm's own
+Prometheus endpoint maps unit ``1`` to no suffix, while the OTLP-to-Prometheus
+translation of the Collector, VictoriaMetrics (``-opentelemetry.usePrometheusNaming``)
+and Prometheus 3's OTLP receiver appends ``_ratio`` to a gauge with unit ``1``
+(moving a ``ratio`` word of the name to its end). So:
+
+* unit :data:`RATIO` (``1``) only on a metric whose name ends in ``ratio``;
+* another dimensionless metric declares :data:`DIMENSIONLESS` (no unit) or a
+  UCUM annotation such as :data:`NATS` (``{nat}``), which every path drops from
+  the name;
+* a real unit (``s``, ``rad``) adds the same suffix on every path.
+
+:func:`unit_rule_broken` says what a spec does wrong; a test holds every
+catalog entry to it and compares the names each path really produces.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -19,9 +35,13 @@ __all__ = [
     "InstrumentKind",
     "MetricSpec",
     "Threshold",
+    "DIMENSIONLESS",
+    "NATS",
+    "RATIO",
     "by_name",
     "family_signals",
     "prometheus_name",
+    "unit_rule_broken",
 ]
 
 InstrumentKind = Literal["counter", "histogram", "observable_gauge", "gauge", "up_down_counter"]
@@ -34,6 +54,13 @@ ATTR_DEVICE: Final = "llm.device"
 """torch device string, e.g. ``cpu`` or ``cuda:0``."""
 ATTR_SIGNAL: Final = "llm.signal"
 """Name of the catalog signal an event is about."""
+
+RATIO: Final = "1"
+"""Unit of a dimensionless metric whose name ends in ``ratio`` (the only place ``1`` keeps every name alike)."""
+DIMENSIONLESS: Final = ""
+"""Unit of any other dimensionless value (a norm, a learning rate, a fraction not named a ratio)."""
+NATS: Final = "{nat}"
+"""Annotation for entropies and cross-entropies: informative in OTLP metadata, dropped from every series name."""
 
 
 @dataclass(frozen=True)
@@ -74,12 +101,42 @@ class MetricSpec:
         }
 
 
+def _words(name: str) -> list[str]:
+    """The name's words as the OTLP translations split it (on every character a Prometheus name may not hold)."""
+    return re.split(r"[^A-Za-z0-9:]+", name)
+
+
+def _unit_suffix(unit: str) -> str:
+    """The suffix a unit adds to a series name: none for ``1``, no unit and ``{annotations}``."""
+    if unit in ("", RATIO) or unit.startswith("{"):
+        return ""
+    return {"s": "seconds", "By": "bytes"}.get(unit, unit)
+
+
+def unit_rule_broken(spec: MetricSpec) -> str | None:
+    """Why ``spec`` breaks the unit rule (so might get another name after OTLP translation), or None."""
+    words = _words(spec.name)
+    if spec.unit == RATIO and (words[-1] != "ratio" or words.count("ratio") > 1):
+        return (f"{spec.name}: unit '1' belongs to names ending in one 'ratio' (the OTLP translations append _ratio "
+                f"to a gauge with unit '1' and move its 'ratio' word to the end); declare DIMENSIONLESS ('') or an "
+                f"annotation such as {NATS!r}, or end the name in 'ratio'")
+    suffix = _unit_suffix(spec.unit)
+    if suffix and suffix in words[:-1]:
+        return f"{spec.name}: the translations add no _{suffix} to a name holding the word {suffix!r}"
+    if spec.instrument == "counter" and "total" in words:
+        return f"{spec.name}: the translations move a 'total' word of a counter's name to its end"
+    return None
+
+
 def prometheus_name(name: str, unit: str, instrument: str) -> str:
-    """The series name the Prometheus reader exposes for an OTel metric name."""
+    """The series name of an OTel metric on every path: otel_llm's endpoint and OTLP translated by a backend.
+
+    Holds for catalog metrics (they obey :func:`unit_rule_broken`); a user gauge
+    with unit ``1`` whose name is not a ratio gains ``_ratio`` after OTLP
+    translation.
+    """
     base = name.replace(".", "_")
-    suffix = {"s": "seconds", "rad": "rad", "By": "bytes"}.get(unit, "")
-    if unit and unit != "1" and not unit.startswith("{") and not suffix:
-        suffix = unit
+    suffix = _unit_suffix(unit)
     if suffix and not base.endswith("_" + suffix):
         base = f"{base}_{suffix}"
     if instrument == "counter":
@@ -90,7 +147,7 @@ def prometheus_name(name: str, unit: str, instrument: str) -> str:
 # --- Core training metrics -------------------------------------------------
 
 TRAIN_LOSS: Final = "llm.train.loss"
-"""observable gauge, unit 1: mean training loss of the latest sampled step."""
+"""observable gauge, no unit: mean training loss of the latest sampled step."""
 TRAIN_STEPS: Final = "llm.train.steps"
 TRAIN_SKIPPED_STEPS: Final = "llm.train.skipped_steps"
 """counter, unit {step}: optimizer steps taken."""
@@ -99,9 +156,9 @@ TRAIN_TOKENS: Final = "llm.train.tokens"
 TRAIN_STEP_DURATION: Final = "llm.train.step.duration"
 """histogram, unit s: wall time between consecutive optimizer steps."""
 TRAIN_LEARNING_RATE: Final = "llm.train.learning_rate"
-"""observable gauge, unit 1: lr of each optimizer param group."""
+"""observable gauge, no unit: lr of each optimizer param group."""
 GRAD_NORM: Final = "llm.grad.norm"
-"""observable gauge, unit 1: global L2 gradient norm before clipping."""
+"""observable gauge, no unit: global L2 gradient norm before clipping."""
 GRAD_CLIPPED_STEPS: Final = "llm.grad.clipped_steps"
 """counter, unit {step}: optimizer steps whose clip call scaled the gradients down."""
 
@@ -141,7 +198,7 @@ HEAD_ENTROPY_BUCKETS: Final = (0.25, 0.5, 0.75, 1.0, 1.2, 1.5, 2.0, 3.0, 4.0, 6.
 OVERHEAD_BUCKETS: Final = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0)
 
 
-def _gauge(name: str, description: str, *, family: str, unit: str = "1", attributes: tuple[str, ...] = (),
+def _gauge(name: str, description: str, *, family: str, unit: str, attributes: tuple[str, ...] = (),
            number: int | None = None, thresholds: tuple[Threshold, ...] = ()) -> MetricSpec:
     return MetricSpec(name, "observable_gauge", unit, description, attributes,
                       thresholds=thresholds, signal_number=number, family=family)
@@ -149,7 +206,7 @@ def _gauge(name: str, description: str, *, family: str, unit: str = "1", attribu
 
 CATALOG: Final[tuple[MetricSpec, ...]] = (
     _gauge(TRAIN_LOSS, "Mean training loss of the latest sampled step, as the loss function returned it.",
-           family="loss"),
+           unit=DIMENSIONLESS, family="loss"),
     MetricSpec(TRAIN_STEPS, "counter", "{step}", "Optimizer steps taken.", family="training"),
     MetricSpec(TRAIN_SKIPPED_STEPS, "counter", "{step}",
                "Updates the optimizer skipped (DeepSpeed's fp16 overflow): not counted in llm.train.steps.",
@@ -159,62 +216,67 @@ CATALOG: Final[tuple[MetricSpec, ...]] = (
     MetricSpec(TRAIN_STEP_DURATION, "histogram", "s", "Wall time between consecutive optimizer steps.",
                buckets=STEP_DURATION_BUCKETS, family="training"),
     _gauge(TRAIN_LEARNING_RATE, "Learning rate of each optimizer param group.", attributes=(ATTR_PARAM_GROUP,),
-           family="optimizer"),
+           unit=DIMENSIONLESS, family="optimizer"),
     _gauge(GRAD_NORM, "Global L2 norm of all gradients before clipping: the norm the step's clip call computed "
            "(clip_grad_norm_ and the frameworks built on it), else the norm at optimizer pre-step; after AMP "
-           "unscale.", family="optimizer"),
+           "unscale.", unit=DIMENSIONLESS, family="optimizer"),
     MetricSpec(GRAD_CLIPPED_STEPS, "counter", "{step}",
                "Optimizer steps whose clip call scaled the gradients down (pre-clip norm > max norm).",
                family="optimizer"),
     _gauge(GRAD_NORM_DECAY_RATE,
            "(|g_{t-1}| - |g_t|) / (|g_{t-1}| + 1e-8) between consecutive optimizer steps.", number=1,
            thresholds=(Threshold("warning", ">", 0.85, "gradient collapse"),
-                       Threshold("warning", "<", -0.1, "gradient rebound")), family="optimizer"),
+                       Threshold("warning", "<", -0.1, "gradient rebound")),
+           unit=DIMENSIONLESS, family="optimizer"),
     _gauge(GRAD_SPARSITY, "Fraction of gradient elements with abs <= threshold (default 1e-5).",
-           attributes=(ATTR_PARAM_GROUP,), number=2, family="optimizer"),
+           attributes=(ATTR_PARAM_GROUP,), number=2, unit=DIMENSIONLESS, family="optimizer"),
     _gauge(PARAM_UPDATE_RATIO, "|delta theta|_2 / |theta_before|_2 over trainable parameters.", number=3,
-           thresholds=(Threshold("warning", ">", 1e-2, "updates too large for the weights"),), family="optimizer"),
+           thresholds=(Threshold("warning", ">", 1e-2, "updates too large for the weights"),), unit=RATIO,
+           family="optimizer"),
     _gauge(PARAM_UPDATE_VARIANCE_RATIO,
            "Sum over sampled coordinates of the cross-rank variance of the update, over the mean squared "
            "update norm; 0 with one rank.", number=4,
            thresholds=(Threshold("warning", ">=", 1e-5, "ranks drifting apart"),
-                       Threshold("critical", ">=", 1e-3, "ranks out of sync")), family="optimizer"),
-    MetricSpec(LOSS_TOKEN, "histogram", "1",
+                       Threshold("critical", ">=", 1e-3, "ranks out of sync")), unit=RATIO, family="optimizer"),
+    MetricSpec(LOSS_TOKEN, "histogram", NATS,
                "Per-token cross-entropy (nats) of the sampled step, at most 512 tokens uniformly subsampled.",
                buckets=LOSS_TOKEN_BUCKETS, signal_number=5, family="loss"),
     _gauge(LOSS_TOKEN_SKEWNESS, "Fisher-Pearson skewness m3 / m2^1.5 of the step's valid per-token losses.",
-           number=6, family="loss"),
+           number=6, unit=DIMENSIONLESS, family="loss"),
     _gauge(LOGITS_Z_LOSS, "Mean over valid tokens of (logsumexp of the logits)^2 (PaLM z-loss, no coefficient).",
-           number=7, family="loss"),
-    MetricSpec(ATTENTION_HEAD_ENTROPY, "histogram", "1",
+           number=7, unit=DIMENSIONLESS, family="loss"),
+    MetricSpec(ATTENTION_HEAD_ENTROPY, "histogram", NATS,
                "Per-head Shannon entropy (nats) of attention, averaged over sampled queries.",
                attributes=(ATTR_LAYER,), buckets=HEAD_ENTROPY_BUCKETS, signal_number=8,
                thresholds=(Threshold("warning", ">", 1.8, "attention diffusing", statistic="p50 per layer",
                                      for_duration="3m"),), family="attention"),
     _gauge(ATTENTION_HEAD_DIVERGENCE_MAX, "Max over heads of the variance of the head's cosine similarity "
-           "to the other heads' attention outputs.", attributes=(ATTR_LAYER,), number=9, family="attention"),
-    _gauge(ATTENTION_LOGIT_MAX, "Max pre-softmax attention logit q.k.scale.", attributes=(ATTR_LAYER,), number=10,
+           "to the other heads' attention outputs.", attributes=(ATTR_LAYER,), number=9, unit=DIMENSIONLESS,
            family="attention"),
+    _gauge(ATTENTION_LOGIT_MAX, "Max pre-softmax attention logit q.k.scale.", attributes=(ATTR_LAYER,), number=10,
+           unit=DIMENSIONLESS, family="attention"),
     _gauge(ATTENTION_SINK_RATIO, "Mean attention probability on key position 0 for query positions > 0.",
-           attributes=(ATTR_LAYER,), number=11, family="attention"),
+           attributes=(ATTR_LAYER,), number=11, unit=RATIO, family="attention"),
     _gauge(ACTIVATION_SPARSITY, "Fraction of MLP intermediate activations with abs <= 1e-3.",
-           attributes=(ATTR_LAYER,), number=12, family="activations"),
+           attributes=(ATTR_LAYER,), number=12, unit=DIMENSIONLESS, family="activations"),
     _gauge(ACTIVATION_OUTLIER_RATIO, "Fraction of hidden dimensions whose max abs over the step's tokens is >= 6.0.",
-           attributes=(ATTR_LAYER,), number=13, family="activations"),
+           attributes=(ATTR_LAYER,), number=13, unit=RATIO, family="activations"),
     _gauge(LORA_RANK_ACTIVATION_RATIO, "Effective rank of lora_A activations over the LoRA rank.",
            attributes=(ATTR_LAYER,), number=14,
-           thresholds=(Threshold("warning", ">", 0.9, "LoRA rank saturated"),), family="lora"),
+           thresholds=(Threshold("warning", ">", 0.9, "LoRA rank saturated"),), unit=RATIO, family="lora"),
     _gauge(ROPE_ANGLE_DEVIATION, "Max abs error of the rotary angles the module emitted vs exact float64 angles.",
            unit="rad", number=15, family="rope"),
     _gauge(KV_CACHE_HIT_RATIO, "Reused / (reused + newly computed) K/V entries over the last 64 cache updates.",
-           number=16, thresholds=(Threshold("warning", "<", 0.6, "KV cache reuse is low"),), family="kv_cache"),
+           number=16, thresholds=(Threshold("warning", "<", 0.6, "KV cache reuse is low"),), unit=RATIO,
+           family="kv_cache"),
     MetricSpec(KV_CACHE_HITS, "counter", "{token}", "K/V token entries served from the cache.", family="kv_cache"),
     MetricSpec(KV_CACHE_LOOKUPS, "counter", "{token}", "K/V token entries attended (reused + newly computed).",
                family="kv_cache"),
     _gauge(MEMORY_PRESSURE, "CUDA: (total - free) / total; CPU: process RSS / physical memory.",
            attributes=(ATTR_DEVICE,), number=17,
            thresholds=(Threshold("warning", ">", 0.85, "memory pressure high"),
-                       Threshold("critical", ">", 0.95, "memory nearly exhausted")), family="memory"),
+                       Threshold("critical", ">", 0.95, "memory nearly exhausted")),
+           unit=DIMENSIONLESS, family="memory"),
     MetricSpec(TELEMETRY_SAMPLED_STEPS, "counter", "{step}", "Steps on which the expensive signals were computed.",
                family="telemetry"),
     _gauge(TELEMETRY_SAMPLING_INTERVAL, "Current sampling interval.", unit="{step}", family="telemetry"),

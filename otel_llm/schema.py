@@ -6,7 +6,7 @@ the same guarantees (legal names, explicit buckets, bounded attributes)::
     metrics:
       - name: llm.custom.reward
         instrument: gauge          # counter | up_down_counter | histogram | gauge
-        unit: "1"
+        unit: ""                   # the default; "1" only on names ending in ratio (see catalog)
         description: Mean reward of the step.
         attributes: [llm.custom.env]
         buckets: [0.1, 0.5, 1.0]   # histograms only
@@ -67,7 +67,7 @@ def validate_spec(raw: Mapping[str, Any], *, source: str = "<register>", entry: 
     instrument = raw.get("instrument")
     if instrument not in SCHEMA_INSTRUMENTS:
         raise _fail(source, label, f"unknown instrument {instrument!r}; use one of {', '.join(SCHEMA_INSTRUMENTS)}")
-    unit = str(raw.get("unit", "1"))
+    unit = str(raw.get("unit", ""))
     description = str(raw.get("description", "")).strip() or f"User metric {name}."  # HELP must not be empty
     attributes = raw.get("attributes", []) or []
     if not isinstance(attributes, Sequence) or isinstance(attributes, str):

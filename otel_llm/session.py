@@ -237,7 +237,7 @@ class Instrumentation:
         self._gradients_read_externally = True
         self._pre_step(optimizer)
 
-    def register(self, name: str, instrument: str, *, unit: str = "1", description: str = "",
+    def register(self, name: str, instrument: str, *, unit: str = "", description: str = "",
                  attributes: Iterable[str] = (), buckets: Iterable[float] | None = None) -> MetricSpec:
         """Declare a custom metric at run time (same rules as the schema file); returns its spec."""
         raw: dict[str, Any] = {"name": name, "instrument": instrument, "unit": unit,

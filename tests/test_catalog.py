@@ -1,4 +1,9 @@
-"""The catalog matches the metric contract, written out here independently of the code."""
+"""The catalog matches the metric contract, written out here independently of the code.
+
+Units are the ones the contract's "Units (revised)" rule picks: its dimensionless
+``1`` stays only on names ending in ``ratio``; other dimensionless gauges have no
+unit and the entropy / cross-entropy histograms the annotation ``{nat}``.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +12,32 @@ from otel_llm.catalog import CATALOG, prometheus_name
 G, C, H = "observable_gauge", "counter", "histogram"
 CONTRACT = {
     # name: (instrument, unit, attributes, buckets)
-    "llm.train.loss": (G, "1", (), None),
+    "llm.train.loss": (G, "", (), None),
     "llm.train.steps": (C, "{step}", (), None),
     "llm.train.tokens": (C, "{token}", (), None),
     "llm.train.step.duration": (H, "s", (), (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)),
-    "llm.train.learning_rate": (G, "1", ("llm.param.group",), None),
-    "llm.grad.norm": (G, "1", (), None),
+    "llm.train.learning_rate": (G, "", ("llm.param.group",), None),
+    "llm.grad.norm": (G, "", (), None),
     "llm.grad.clipped_steps": (C, "{step}", (), None),
-    "llm.grad.norm_decay_rate": (G, "1", (), None),
-    "llm.grad.sparsity": (G, "1", ("llm.param.group",), None),
+    "llm.grad.norm_decay_rate": (G, "", (), None),
+    "llm.grad.sparsity": (G, "", ("llm.param.group",), None),
     "llm.param.update_ratio": (G, "1", (), None),
     "llm.param.update_variance_ratio": (G, "1", (), None),
-    "llm.loss.token": (H, "1", (), (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16)),
-    "llm.loss.token_skewness": (G, "1", (), None),
-    "llm.logits.z_loss": (G, "1", (), None),
-    "llm.attention.head_entropy": (H, "1", ("llm.layer",), (0.25, 0.5, 0.75, 1.0, 1.2, 1.5, 2.0, 3.0, 4.0, 6.0)),
-    "llm.attention.head_divergence_max": (G, "1", ("llm.layer",), None),
-    "llm.attention.logit_max": (G, "1", ("llm.layer",), None),
+    "llm.loss.token": (H, "{nat}", (), (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16)),
+    "llm.loss.token_skewness": (G, "", (), None),
+    "llm.logits.z_loss": (G, "", (), None),
+    "llm.attention.head_entropy": (H, "{nat}", ("llm.layer",), (0.25, 0.5, 0.75, 1.0, 1.2, 1.5, 2.0, 3.0, 4.0, 6.0)),
+    "llm.attention.head_divergence_max": (G, "", ("llm.layer",), None),
+    "llm.attention.logit_max": (G, "", ("llm.layer",), None),
     "llm.attention.sink_ratio": (G, "1", ("llm.layer",), None),
-    "llm.activation.sparsity": (G, "1", ("llm.layer",), None),
+    "llm.activation.sparsity": (G, "", ("llm.layer",), None),
     "llm.activation.outlier_ratio": (G, "1", ("llm.layer",), None),
     "llm.lora.rank_activation_ratio": (G, "1", ("llm.layer",), None),
     "llm.rope.angle_deviation": (G, "rad", (), None),
     "llm.kv_cache.hit_ratio": (G, "1", (), None),
     "llm.kv_cache.hits": (C, "{token}", (), None),
     "llm.kv_cache.lookups": (C, "{token}", (), None),
-    "llm.memory.pressure": (G, "1", ("llm.device",), None),
+    "llm.memory.pressure": (G, "", ("llm.device",), None),
     "llm.telemetry.sampled_steps": (C, "{step}", (), None),
     "llm.telemetry.sampling_interval": (G, "{step}", (), None),
     "llm.telemetry.overhead": (H, "s", (), (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1)),

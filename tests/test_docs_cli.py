@@ -12,13 +12,15 @@ import pytest
 
 from otel_llm.catalog import CATALOG
 from otel_llm.ops.docs import config_table, metric_table, signal_guide, threshold_table
+from otel_llm.ops.plan import scale_table
 from otel_llm.ops.rules import alerts
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.mark.parametrize("marker, render", [("metric-table", metric_table), ("config-table", config_table),
-                                            ("threshold-table", threshold_table), ("signal-guide", signal_guide)])
+                                            ("threshold-table", threshold_table), ("signal-guide", signal_guide),
+                                            ("scale-table", scale_table)])
 def test_readme_tables_match_the_code(marker, render):
     text = README.read_text(encoding="utf-8")
     match = re.search(rf"<!-- {marker}:start -->\n(.*?)\n<!-- {marker}:end -->", text, re.S)
@@ -66,4 +68,5 @@ def test_catalog_table_has_one_row_per_metric():
     assert [line.split()[0] for line in lines[1:]] == [s.name for s in CATALOG]
     rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
     assert rows["llm.train.step.duration"][:2] == ["histogram", "s"]
-    assert rows["llm.grad.sparsity"][:3] == ["observable_gauge", "1", "llm.param.group"]
+    assert rows["llm.grad.sparsity"][:3] == ["observable_gauge", "-", "llm.param.group"]
+    assert rows["llm.kv_cache.hit_ratio"][:2] == ["observable_gauge", "1"]

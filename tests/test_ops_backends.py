@@ -2,9 +2,9 @@
 
 Prometheus scrapes otel_llm's endpoint and evaluates the generated rules; the
 dashboard's queries run against it. VictoriaMetrics ingests the same session's
-OTLP push under ``-opentelemetry.usePrometheusNaming``: its series are joined
-to the scrape through the catalog (the OTel name, mapped to each path's series
-name) and the attribute labels, and the values must agree.
+OTLP push under ``-opentelemetry.usePrometheusNaming``: it must store exactly
+the series names the scrape shows (counter and histogram suffixes included),
+and the values must agree series by series.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 import torch
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-from opentelemetry.metrics import Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -33,12 +32,12 @@ from otel_llm.ops.promql import label, series_name
 from tests.models import GPT
 from tests.support.backends import Prometheus, VictoriaMetrics, http_get
 from tests.support.grafana import queries
+from tests.support.naming import HISTOGRAM_SUFFIXES, exposed_names, record_every_metric
 from tests.support.scrape import fetch, series
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 VOCAB = 64
-HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 
 @pytest.fixture(autouse=True)
@@ -175,9 +174,12 @@ def test_prometheus_evaluates_the_rules_and_dashboard_queries_on_a_training_run(
 
         (group,) = api(prometheus, "/api/v1/rules")["groups"]
         assert group["name"] == "otel-llm"
-        assert len(group["rules"]) == len(rules.alerts()) + len(rules.recording_rules())
+        assert len(group["rules"]) == len(rules.alerts()) + len(rules.recording_rules()) + len(rules.rank_aggregates())
         for rule in group["rules"]:
             assert (rule["health"], rule.get("lastError", "")) == ("ok", ""), rule["name"]
+        layers = {str(i) for i in range(len(trainer.model.transformer.h))}
+        for record in ("job_llm_layer:llm_attention_logit_max:max", "job_llm_layer:llm_activation_sparsity:median"):
+            assert {r["metric"]["llm_layer"] for r in prometheus.query(record)} == layers, record
 
         (alert,) = firing()  # a healthy run trips nothing else
         assert alert["labels"]["alertname"] == "LlmTelemetryNonfiniteIncreasing"
@@ -193,7 +195,7 @@ def test_prometheus_evaluates_the_rules_and_dashboard_queries_on_a_training_run(
         answered = 0
         for query in queries(board, layer="0"):
             result = prometheus.query(query.expr)  # raises on a query Prometheus rejects
-            name = series_name(panel_spec(query.panel), "scrape")
+            name = series_name(panel_spec(query.panel))
             if name in stored or name + "_bucket" in stored:
                 assert result, f"{query.panel['title']} {query.ref}: no data for {query.expr}"
                 answered += 1
@@ -209,7 +211,7 @@ def test_attention_entropy_quantile_query(sessions, tmp_path):
     layers = {str(i) for i in range(len(trainer.model.transformer.h))}
     rules_path = tmp_path / "rules.yml"
     rules_path.write_text(rules.render())
-    bucket = series_name(by_name(ATTENTION_HEAD_ENTROPY), "scrape") + "_bucket"
+    bucket = series_name(by_name(ATTENTION_HEAD_ENTROPY)) + "_bucket"
     trainer.step(2)
     assert trainer.session.flush(5.0)
     assert re.search(rf"^{bucket}{{", fetch(trainer.session.prometheus_url)[1], re.M), f"{bucket} is not exported"
@@ -252,33 +254,20 @@ def victoria_metrics() -> Iterator[VictoriaMetrics]:
         yield vm
 
 
-def test_victoria_metrics_names_every_signal_as_the_otlp_naming_says(victoria_metrics):
-    """Every catalog instrument, pushed through the plain SDK, lands under ``series_name(spec, "otlp")``."""
+def test_victoria_metrics_stores_every_catalog_metric_under_its_scrape_name(victoria_metrics):
+    """Every catalog instrument pushed through the plain SDK lands under the name otel_llm's endpoint gives it."""
     reader = PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=victoria_metrics.otlp_http_endpoint),
                                            export_interval_millis=60_000)
     provider = MeterProvider(metric_readers=[reader], resource=Resource.create({"service.name": "naming"}))
-    meter = provider.get_meter("naming")
-    for spec in CATALOG:
-        attributes = {a: "0" for a in spec.attributes}
-        if spec.instrument == "observable_gauge":
-            meter.create_observable_gauge(spec.name, [lambda _, a=attributes: [Observation(0.5, a)]], spec.unit)
-        elif spec.instrument == "counter":
-            meter.create_counter(spec.name, spec.unit).add(2, attributes)
-        else:
-            meter.create_histogram(spec.name, spec.unit, explicit_bucket_boundaries_advisory=spec.buckets).record(
-                0.3, attributes)
+    record_every_metric(provider.get_meter("naming"), CATALOG, {})
     assert provider.force_flush(10_000)
     provider.shutdown()
 
-    expected = {series_name(s, "otlp") + suffix for s in CATALOG
-                for suffix in (HISTOGRAM_SUFFIXES if s.instrument == "histogram" else ("",))}
     stored = {r["metric"]["__name__"] for r in victoria_metrics.query('{service_name="naming"}')}
-    assert stored == expected
-    # the documented difference: gauges with unit "1" gain _ratio unless their name already ends in it
-    renamed = {scrape_name(s) for s in CATALOG
-               if series_name(s, "otlp") != series_name(s, "scrape")}
-    assert "llm_train_loss" in renamed and "llm_train_loss_ratio" in stored
-    assert "llm_kv_cache_hit_ratio" not in renamed and "llm_kv_cache_hit_ratio" in stored
+    assert stored == exposed_names(CATALOG)
+    assert {"llm_grad_norm", "llm_train_loss", "llm_memory_pressure", "llm_kv_cache_hit_ratio"} <= stored
+    assert not {name for name in stored if name.endswith("_ratio")} - {
+        series_name(s) for s in CATALOG if s.name.endswith("ratio")}
 
 
 def test_victoria_metrics_values_agree_with_the_scrape(victoria_metrics, sessions, monkeypatch):
@@ -286,11 +275,12 @@ def test_victoria_metrics_values_agree_with_the_scrape(victoria_metrics, session
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", victoria_metrics.otlp_http_endpoint)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_COMPRESSION", "gzip")
     trainer = Trainer(sessions, exporters="prometheus,otlp", service_name="agree")
-    trainer.session.register("llm.custom.reward", "gauge")
+    trainer.session.register("llm.custom.reward", "gauge")  # a user gauge with the default unit keeps its name too
     trainer.session.record("llm.custom.reward", float("nan"))
     for _ in range(2):  # two pushes, so rate() has two samples per series
         trainer.step(3)
         trainer.session.record_kv_cache(reused=96, added=32)
+        trainer.session.record("llm.custom.reward", 0.7)
         assert trainer.session.flush(5.0)
         time.sleep(1.0)
     body = fetch(trainer.session.prometheus_url)[1]
@@ -298,20 +288,25 @@ def test_victoria_metrics_values_agree_with_the_scrape(victoria_metrics, session
     assert {"llm_train_loss", "llm_kv_cache_hit_ratio", "llm_telemetry_nonfinite_total",
             "llm_loss_token_bucket"} <= set(names)
 
+    scraped = {name for name, _, _ in series(body) if name.startswith("llm_")}
+    stored_names = {r["metric"]["__name__"] for r in victoria_metrics.query('{service_name="agree"}')}
+    assert stored_names == scraped, (sorted(stored_names - scraped), sorted(scraped - stored_names))
+    assert {"llm_custom_reward", "llm_grad_norm", "llm_train_step_duration_seconds_bucket",
+            "llm_train_steps_total"} <= stored_names
+
     compared = 0
     for name, spec in names.items():
-        vm_name = series_name(spec, "otlp") + name.removeprefix(scrape_name(spec))
-        stored = victoria_metrics.query(f'{vm_name}{{service_name="agree"}}')
+        stored = victoria_metrics.query(f'{name}{{service_name="agree"}}')
         keys = ["llm_rank", "llm_world_size", *map(label, spec.attributes)]
         for _, labels, value in (s for s in series(body) if s[0] == name):
             (match,) = [r for r in stored if all(r["metric"].get(k) == labels.get(k) for k in keys)
                         and ("le" not in labels or float(r["metric"]["le"]) == float(labels["le"]))]
             # VictoriaMetrics answers with 12 significant digits
-            assert float(match["value"][1]) == pytest.approx(value, rel=1e-11), f"{vm_name} {labels}"
+            assert float(match["value"][1]) == pytest.approx(value, rel=1e-11), f"{name} {labels}"
             compared += 1
     assert compared >= 50
 
-    board = dashboard.dashboard("otlp")
+    board = dashboard.dashboard()
     (ratio,) = [q for q in queries(board, rate_interval="5m", rank="0")
                 if q.panel["title"] == "llm.kv_cache.hit_ratio (#16)" and q.ref == "B"]
     (result,) = victoria_metrics.query(ratio.expr)

@@ -9,18 +9,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from otel_llm.catalog import CATALOG, MetricSpec
 from otel_llm.ops.dashboard import dashboard
-from otel_llm.ops.promql import NAMINGS, series_name
+from otel_llm.ops.promql import series_name
 from tests.support.backends import require_binary
 from tests.support.grafana import queries
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKED_IN = {"scrape": ROOT / "collector_configs/grafana/otel-llm-dashboard.json",
-              "otlp": ROOT / "collector_configs/grafana/otel-llm-dashboard-otlp.json"}
+CHECKED_IN = ROOT / "collector_configs/grafana/otel-llm-dashboard.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # Grafana unit ids; counters are drawn as per-second rates.
 UNITS = {
@@ -33,8 +31,8 @@ UNITS = {
 }
 
 
-def panels_of(board: dict[str, Any], spec: MetricSpec, naming: str = "scrape") -> list[dict[str, Any]]:
-    pattern = re.compile(rf"\b{re.escape(series_name(spec, naming))}(_bucket)?\{{")
+def panels_of(board: dict[str, Any], spec: MetricSpec) -> list[dict[str, Any]]:
+    pattern = re.compile(rf"\b{re.escape(series_name(spec))}(_bucket)?\{{")
     return [p for p in board["panels"] if any(pattern.search(t["expr"]) for t in p.get("targets", ()))
             and p["title"].startswith(spec.name)]
 
@@ -137,10 +135,9 @@ def test_panels_tile_the_grid_without_overlap_and_ids_are_unique():
         taken |= cells
 
 
-@pytest.mark.parametrize("naming", NAMINGS)
-def test_every_panel_query_is_valid_promql(tmp_path, naming):
+def test_every_panel_query_is_valid_promql(tmp_path):
     """promtool parses each query (variables filled in) as the expression of a recording rule."""
-    board = dashboard(naming)
+    board = dashboard()
     exprs = [q.expr for q in queries(board, layer="0")]
     assert len(exprs) == sum(len(p.get("targets", ())) for p in board["panels"])
     path = tmp_path / "queries.yml"
@@ -152,17 +149,9 @@ def test_every_panel_query_is_valid_promql(tmp_path, naming):
     assert f"SUCCESS: {len(exprs)} rules found" in result.stdout
 
 
-def test_otlp_naming_queries_the_translated_gauge_names():
-    board = dashboard("otlp")
-    (target,) = by_title(board, "llm.memory.pressure (#17)")["targets"]
-    assert target["expr"] == 'llm_memory_pressure_ratio{job=~"$job", llm_rank=~"$rank"}'
-    assert "llm_train_steps_total" in variable(board, "rank")["query"]
-
-
-@pytest.mark.parametrize("naming", NAMINGS)
-def test_checked_in_dashboard_matches_the_cli(naming):
-    printed = subprocess.run([sys.executable, "-m", "otel_llm.cli", "dashboard", "--naming", naming],
+def test_checked_in_dashboard_matches_the_cli():
+    printed = subprocess.run([sys.executable, "-m", "otel_llm.cli", "dashboard"],
                              capture_output=True, text=True, check=True, timeout=60).stdout
-    assert CHECKED_IN[naming].read_text() == printed, (
-        f"{CHECKED_IN[naming].relative_to(ROOT)} is stale: run `otel-llm dashboard --naming {naming} > ...`")
-    assert json.loads(printed) == dashboard(naming)
+    assert CHECKED_IN.read_text() == printed, (
+        f"{CHECKED_IN.relative_to(ROOT)} is stale: run `otel-llm dashboard > {CHECKED_IN.relative_to(ROOT)}`")
+    assert json.loads(printed) == dashboard()

@@ -19,13 +19,12 @@ import yaml
 
 from otel_llm.catalog import CATALOG, MEMORY_PRESSURE, MetricSpec, Threshold, by_name
 from otel_llm.ops import rules
-from otel_llm.ops.promql import NAMINGS, parse_statistic, series_name
+from otel_llm.ops.promql import parse_statistic, series_name
 from otel_llm.ops.runbooks import RUNBOOKS
 from tests.support.backends import require_binary
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKED_IN = {"scrape": ROOT / "collector_configs/prometheus/rules.yml",
-              "otlp": ROOT / "collector_configs/prometheus/rules-otlp.yml"}
+CHECKED_IN = ROOT / "collector_configs/prometheus/rules.yml"
 EXPECTED_FOR = {"warning": "5m", "critical": "1m"}  # the defaults the README documents
 OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
 PROCESS = {"job": "trainer", "llm_rank": "0", "llm_world_size": "1"}
@@ -77,7 +76,7 @@ def alert_tests(spec_alerts: list[rules.Alert], expect, times: set[int]) -> list
     return tests
 
 
-def gauge_group(spec: MetricSpec, spec_alerts: list[rules.Alert], naming: str) -> dict[str, Any]:
+def gauge_group(spec: MetricSpec, spec_alerts: list[rules.Alert]) -> dict[str, Any]:
     """Values on, just beyond and just inside every bound; each fires exactly where its thresholds hold."""
     values: set[float] = set()
     for t in (a.threshold for a in spec_alerts):
@@ -85,7 +84,7 @@ def gauge_group(spec: MetricSpec, spec_alerts: list[rules.Alert], naming: str) -
         values.update((t.value - step, t.value, t.value + step))
     cases = {str(i): x for i, x in enumerate(sorted(values))}
     labels = {case: {**PROCESS, **attribute_labels(spec), "case": case} for case in cases}
-    input_series = [{"series": series(series_name(spec, naming), labels[case]),
+    input_series = [{"series": series(series_name(spec), labels[case]),
                      "values": " ".join([repr(x)] * SAMPLES)} for case, x in cases.items()]
 
     def expect(alert: rules.Alert, t: int) -> list[dict[str, Any]]:
@@ -97,7 +96,7 @@ def gauge_group(spec: MetricSpec, spec_alerts: list[rules.Alert], naming: str) -
     return {"interval": "1m", "input_series": input_series, "alert_rule_test": alert_tests(spec_alerts, expect, times)}
 
 
-def quantile_group(spec: MetricSpec, alert: rules.Alert, naming: str) -> dict[str, Any]:
+def quantile_group(spec: MetricSpec, alert: rules.Alert) -> dict[str, Any]:
     """Two label sets whose observations all fall in one bucket: the quantile is that bucket's midpoint."""
     t_ = alert.threshold
     quantile = parse_statistic(spec, t_.statistic)
@@ -114,11 +113,11 @@ def quantile_group(spec: MetricSpec, alert: rules.Alert, naming: str) -> dict[st
         high = bands[mids.index(mid)][1]
         for le in (*spec.buckets, float("inf")):
             labels = {**PROCESS, **attribute_labels(spec), key: case, "le": "+Inf" if le == float("inf") else repr(le)}
-            input_series.append({"series": series(f"{series_name(spec, naming)}_bucket", labels),
+            input_series.append({"series": series(f"{series_name(spec)}_bucket", labels),
                                  "values": f"0+10x{SAMPLES - 1}" if le >= high else f"0x{SAMPLES - 1}"})
     # what survives the aggregation: the process and the attribute the statistic is kept apart by
     kept = {case: {"job": PROCESS["job"], "llm_rank": PROCESS["llm_rank"], key: case} for case in cases}
-    (record,) = [r["record"] for r in rules.recording_rules(naming) if series_name(spec, naming) in r["expr"]]
+    (record,) = [r["record"] for r in rules.recording_rules() if series_name(spec) in r["expr"]]
     first = 1  # rate() needs two samples, so the quantile exists from the second minute
 
     def expect(a: rules.Alert, t: int) -> list[dict[str, Any]]:
@@ -134,11 +133,11 @@ def quantile_group(spec: MetricSpec, alert: rules.Alert, naming: str) -> dict[st
     }
 
 
-def increase_group(spec: MetricSpec, alert: rules.Alert, naming: str) -> dict[str, Any]:
+def increase_group(spec: MetricSpec, alert: rules.Alert) -> dict[str, Any]:
     """A counter that never moves, one that rises, and one whose series first appears at 1 (a first NaN)."""
     cases = {"flat": "2x20", "rising": "0x5 1x14", "appearing": "_x3 1x17"}
     labels = {case: {**PROCESS, **attribute_labels(spec), "case": case} for case in cases}
-    input_series = [{"series": series(series_name(spec, naming), labels[case]), "values": values}
+    input_series = [{"series": series(series_name(spec), labels[case]), "values": values}
                     for case, values in cases.items()]
     firing = {6: ("rising", "appearing"), 13: ()}  # at 13m the last change is more than 5m old
 
@@ -149,18 +148,18 @@ def increase_group(spec: MetricSpec, alert: rules.Alert, naming: str) -> dict[st
             "alert_rule_test": alert_tests([alert], expect, set(firing))}
 
 
-def unit_test_file(rules_path: Path, naming: str) -> dict[str, Any]:
+def unit_test_file(rules_path: Path) -> dict[str, Any]:
     groups = []
     for spec in CATALOG:
-        spec_alerts = [a for a in rules.alerts(naming) if a.spec is spec]
+        spec_alerts = [a for a in rules.alerts() if a.spec is spec]
         compared = [a for a in spec_alerts if a.threshold.op in OPS and a.threshold.statistic == "value"]
         if compared:
-            groups.append(gauge_group(spec, compared, naming))
+            groups.append(gauge_group(spec, compared))
         for alert in spec_alerts:
             if alert.threshold.op == "increase":
-                groups.append(increase_group(spec, alert, naming))
+                groups.append(increase_group(spec, alert))
             elif alert.threshold.statistic != "value":
-                groups.append(quantile_group(spec, alert, naming))
+                groups.append(quantile_group(spec, alert))
     return {"rule_files": [str(rules_path)], "evaluation_interval": "1m", "tests": groups}
 
 
@@ -169,9 +168,9 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
                           check=False)
 
 
-def write_rules(tmp_path: Path, naming: str) -> Path:
-    path = tmp_path / f"rules-{naming}.yml"
-    path.write_text(rules.render(naming))
+def write_rules(tmp_path: Path) -> Path:
+    path = tmp_path / "rules.yml"
+    path.write_text(rules.render())
     return path
 
 
@@ -213,14 +212,6 @@ def test_head_entropy_median_is_recorded_per_layer_and_rank():
     }
 
 
-def test_otlp_naming_uses_the_translated_gauge_names():
-    by_rule = {(a.name, a.threshold.severity): a for a in rules.alerts("otlp")}
-    assert by_rule["LlmMemoryPressureHigh", "warning"].expr == "llm_memory_pressure_ratio > 0.85"
-    assert by_rule["LlmKvCacheHitRatioLow", "warning"].expr == "llm_kv_cache_hit_ratio < 0.6"
-    assert by_rule["LlmTelemetryNonfiniteIncreasing", "warning"].expr.startswith(
-        "increase(llm_telemetry_nonfinite_total[5m]) > 0.0 or ")
-
-
 def test_unsupported_threshold_statistics_are_rejected():
     entropy, pressure = by_name("llm.attention.head_entropy"), by_name(MEMORY_PRESSURE)
     with pytest.raises(ValueError, match="names no attribute"):
@@ -232,18 +223,17 @@ def test_unsupported_threshold_statistics_are_rejected():
     assert parse_statistic(entropy, "p99 per layer").q == 0.99
 
 
-@pytest.mark.parametrize("naming", NAMINGS)
-def test_promtool_accepts_the_rules(tmp_path, naming):
-    result = promtool("check", "rules", str(write_rules(tmp_path, naming)))
+def test_promtool_accepts_the_rules(tmp_path):
+    result = promtool("check", "rules", str(write_rules(tmp_path)))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"SUCCESS: {len(thresholds()) + 1} rules found" in result.stdout
+    recorded = len(rules.recording_rules()) + len(rules.rank_aggregates())
+    assert f"SUCCESS: {len(thresholds()) + recorded} rules found" in result.stdout
 
 
-@pytest.mark.parametrize("naming", NAMINGS)
-def test_every_threshold_fires_beyond_its_bound_and_not_inside_it(tmp_path, naming):
-    tests = unit_test_file(write_rules(tmp_path, naming), naming)
+def test_every_threshold_fires_beyond_its_bound_and_not_inside_it(tmp_path):
+    tests = unit_test_file(write_rules(tmp_path))
     tested = {t["alertname"] for group in tests["tests"] for t in group["alert_rule_test"] if t["exp_alerts"]}
-    assert tested == {a.name for a in rules.alerts(naming)}
+    assert tested == {a.name for a in rules.alerts()}
     firing = [alert for group in tests["tests"] for t in group["alert_rule_test"] for alert in t["exp_alerts"]]
     assert {(a["exp_labels"]["severity"]) for a in firing} == {"warning", "critical"}
     path = tmp_path / "tests.yml"
@@ -256,7 +246,7 @@ def test_every_threshold_fires_beyond_its_bound_and_not_inside_it(tmp_path, nami
 def test_alert_annotations_render_the_labels_and_the_value(tmp_path):
     labels = {"job": "trainer", "llm_rank": "3", "llm_device": "cuda:1"}
     tests = {
-        "rule_files": [str(write_rules(tmp_path, "scrape"))],
+        "rule_files": [str(write_rules(tmp_path))],
         "evaluation_interval": "1m",
         "tests": [{
             "interval": "1m",
@@ -277,9 +267,93 @@ def test_alert_annotations_render_the_labels_and_the_value(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("naming", NAMINGS)
-def test_checked_in_rules_match_the_cli(naming):
-    printed = subprocess.run([sys.executable, "-m", "otel_llm.cli", "rules", "--naming", naming],
+def test_checked_in_rules_match_the_cli():
+    printed = subprocess.run([sys.executable, "-m", "otel_llm.cli", "rules"],
                              capture_output=True, text=True, check=True, timeout=60).stdout
-    assert CHECKED_IN[naming].read_text() == printed, (
-        f"{CHECKED_IN[naming].relative_to(ROOT)} is stale: run `otel-llm rules --naming {naming} > ...`")
+    assert CHECKED_IN.read_text() == printed, (
+        f"{CHECKED_IN.relative_to(ROOT)} is stale: run `otel-llm rules > {CHECKED_IN.relative_to(ROOT)}`")
+
+
+def test_the_old_naming_switch_is_ignored_with_a_note():
+    result = subprocess.run([sys.executable, "-m", "otel_llm.cli", "rules", "--naming", "otlp"],
+                            capture_output=True, text=True, check=True, timeout=60)
+    assert result.stdout == CHECKED_IN.read_text()
+    assert "--naming is ignored" in result.stderr
+
+
+# -- aggregation over ranks -----------------------------------------------------------
+
+RANKS, LAYERS = ("0", "1", "2", "3"), ("0", "1")
+
+
+def gauge_value(rank: str, layer: str) -> float:
+    """Distinct per-rank values, in no rank order, so max and median pick different ranks per layer."""
+    return [[0.1, 0.7, 0.3, 0.2], [4.0, 1.0, 2.5, 8.0]][int(layer)][int(rank)]
+
+
+def quantile_from_buckets(q: float, cumulative: dict[float, float]) -> float:
+    """histogram_quantile's linear interpolation inside the bucket holding rank q * total (buckets from 0)."""
+    bounds = sorted(cumulative)
+    rank, below, lower = q * cumulative[bounds[-1]], 0.0, 0.0
+    for bound in bounds:
+        if cumulative[bound] >= rank:
+            return lower + (bound - lower) * (rank - below) / (cumulative[bound] - below)
+        below, lower = cumulative[bound], bound
+    raise AssertionError("empty histogram")
+
+
+def test_per_layer_signals_are_aggregated_over_ranks():
+    layered = [spec for spec in CATALOG if "llm.layer" in spec.attributes]
+    records = {r["record"] for r in rules.rank_aggregates()}
+    for spec in layered:
+        name = series_name(spec)
+        kinds = (":p50_rate5m",) if spec.instrument == "histogram" else (":max", ":median")
+        assert {f"job_llm_layer:{name}{kind}" for kind in kinds} <= records, spec.name
+    assert len(records) == sum(1 if s.instrument == "histogram" else 2 for s in layered)
+
+
+def test_promtool_computes_max_median_and_pooled_quantile_over_ranks(tmp_path):
+    """Four ranks, two layers; the expected values are computed here from the input series."""
+    input_series: list[dict[str, str]] = []
+    expected: dict[str, list[dict[str, Any]]] = {}
+    for spec in (s for s in CATALOG if "llm.layer" in s.attributes):
+        name = series_name(spec)
+        for layer in LAYERS:
+            kept = {"job": "trainer", "llm_layer": layer}
+            labels = {rank: {**PROCESS, "llm_rank": rank, "llm_world_size": "4", "llm_layer": layer}
+                      for rank in RANKS}
+            if spec.instrument != "histogram":
+                values = sorted(gauge_value(rank, layer) for rank in RANKS)
+                input_series += [{"series": series(name, labels[rank]), "values": f"{gauge_value(rank, layer)}x10"}
+                                 for rank in RANKS]
+                middle = (values[1] + values[2]) / 2  # the median of four: Prometheus interpolates
+                for record, value in ((f"job_llm_layer:{name}:max", values[-1]),
+                                      (f"job_llm_layer:{name}:median", middle)):
+                    expected.setdefault(record, []).append({"labels": series(record, kept), "value": value})
+                continue
+            assert spec.buckets is not None
+            bounds = (*spec.buckets, float("inf"))
+            # rank r observes 10 values a minute, all in bucket (r + layer) of the catalog's buckets
+            cumulative = {b: 0.0 for b in spec.buckets}
+            for rank in RANKS:
+                first = int(rank) + int(layer)
+                for index, le in enumerate(bounds):
+                    per_minute = 10 if index >= first else 0
+                    if le != float("inf"):
+                        cumulative[le] += per_minute
+                    le_label = "+Inf" if le == float("inf") else repr(le)
+                    input_series.append({"series": series(f"{name}_bucket", {**labels[rank], "le": le_label}),
+                                         "values": f"0+{per_minute}x10"})
+            record = f"job_llm_layer:{name}:p50_rate5m"
+            expected.setdefault(record, []).append(
+                {"labels": series(record, kept), "value": quantile_from_buckets(0.5, cumulative)})
+    tests = {"rule_files": [str(write_rules(tmp_path))], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m", "input_series": input_series,
+        "promql_expr_test": [{"expr": record, "eval_time": "6m", "exp_samples": samples}
+                             for record, samples in expected.items()],
+    }]}
+    assert set(expected) == {r["record"] for r in rules.rank_aggregates()}
+    path = tmp_path / "tests.yml"
+    path.write_text(yaml.safe_dump(tests, sort_keys=False))
+    result = promtool("test", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,6 +1,7 @@
-"""Operations artifacts derived from the catalog: Prometheus rules and a Grafana dashboard.
+"""Operations artifacts derived from the catalog: Prometheus rules, a Grafana dashboard, their Kubernetes
+objects, the README tables and the series plan.
 
-Printed by ``otel-llm rules`` and ``otel-llm dashboard``; checked-in copies live in
+Printed by ``otel-llm rules``, ``dashboard``, ``docs`` and ``plan``; checked-in copies live in
 ``collector_configs/``.
 """
 

@@ -19,12 +19,13 @@ from otel_llm.catalog import (
     KV_CACHE_HIT_RATIO,
     KV_CACHE_HITS,
     KV_CACHE_LOOKUPS,
+    NATS,
     TRAIN_STEPS,
     MetricSpec,
     Threshold,
     by_name,
 )
-from otel_llm.ops.promql import GROUP_LABELS, Naming, Quantile, label, parse_statistic, quantile_expr, series_name
+from otel_llm.ops.promql import GROUP_LABELS, Quantile, label, parse_statistic, quantile_expr, series_name
 
 __all__ = ["SCHEMA_VERSION", "UID", "dashboard", "grafana_unit", "render"]
 
@@ -36,7 +37,7 @@ _DATASOURCE: Final = {"type": "prometheus", "uid": "${datasource}"}
 _SELECTOR: Final = 'job=~"$job", llm_rank=~"$rank"'
 _LEGEND: Final = "{{job}} rank {{llm_rank}}"
 _QUANTILES: Final = (0.5, 0.9, 0.99)
-_UNITS: Final = {"1": "none", "s": "s", "rad": "radian"}
+_UNITS: Final = {"": "none", "1": "none", NATS: "none", "s": "s", "rad": "radian"}
 _RATIOS: Final = {KV_CACHE_HIT_RATIO: (KV_CACHE_HITS, KV_CACHE_LOOKUPS)}
 """Gauges that are a ratio of two counters: their panel also plots rate(numerator) / rate(denominator)."""
 _ROWS: Final = {
@@ -51,8 +52,8 @@ _WIDTH, _HEIGHT, _GRID = 8, 8, 24
 
 
 def grafana_unit(unit: str, per_second: bool = False) -> str:
-    """Grafana's unit id for a catalog unit (``{token}`` counts as ``count:tokens``)."""
-    if unit.startswith("{"):
+    """Grafana's unit id for a catalog unit (``{token}`` counts as ``count:tokens``, nats as a plain number)."""
+    if unit.startswith("{") and unit != NATS:
         return f"count:{unit.strip('{}')}s" + ("/s" if per_second else "")
     if per_second:
         raise ValueError(f"no Grafana rate unit for {unit!r}")
@@ -112,10 +113,10 @@ def _title(spec: MetricSpec, what: str = "") -> str:
     return f"{spec.name}{number}{' ' + what if what else ''}"
 
 
-def _gauge_panel(spec: MetricSpec, naming: Naming) -> dict[str, Any]:
-    targets = [_target(f"{series_name(spec, naming)}{{{_SELECTOR}}}", _legend(spec.attributes), "A")]
+def _gauge_panel(spec: MetricSpec) -> dict[str, Any]:
+    targets = [_target(f"{series_name(spec)}{{{_SELECTOR}}}", _legend(spec.attributes), "A")]
     if spec.name in _RATIOS:
-        numerator, denominator = (series_name(by_name(n), naming) for n in _RATIOS[spec.name])
+        numerator, denominator = (series_name(by_name(n)) for n in _RATIOS[spec.name])
         by = ", ".join(GROUP_LABELS)
         targets[0]["legendFormat"] += " (last 64 updates)"
         targets.append(_target(
@@ -126,17 +127,17 @@ def _gauge_panel(spec: MetricSpec, naming: Naming) -> dict[str, Any]:
     return _timeseries(_title(spec), spec, grafana_unit(spec.unit), targets, gauge_thresholds)
 
 
-def _counter_panel(spec: MetricSpec, naming: Naming) -> dict[str, Any]:
+def _counter_panel(spec: MetricSpec) -> dict[str, Any]:
     by = ", ".join([*GROUP_LABELS, *map(label, spec.attributes)])
-    expr = f"sum by ({by}) (rate({series_name(spec, naming)}{{{_SELECTOR}}}[{RATE_INTERVAL}]))"
+    expr = f"sum by ({by}) (rate({series_name(spec)}{{{_SELECTOR}}}[{RATE_INTERVAL}]))"
     return _timeseries(_title(spec, "per second"), spec, grafana_unit(spec.unit, per_second=True),
                        [_target(expr, _legend(spec.attributes), "A")])
 
 
-def _histogram_panels(spec: MetricSpec, naming: Naming) -> list[dict[str, Any]]:
+def _histogram_panels(spec: MetricSpec) -> list[dict[str, Any]]:
     selector = f"{{{_SELECTOR}}}"
     unit = grafana_unit(spec.unit)
-    targets = [_target(quantile_expr(spec, Quantile(q), naming, RATE_INTERVAL, selector),
+    targets = [_target(quantile_expr(spec, Quantile(q), RATE_INTERVAL, selector),
                        f"p{q * 100:g} {_LEGEND}", chr(ord("A") + i)) for i, q in enumerate(_QUANTILES)]
     if ATTR_LAYER not in spec.attributes:
         return [_timeseries(_title(spec, "p50/p90/p99"), spec, unit, targets)]
@@ -146,7 +147,7 @@ def _histogram_panels(spec: MetricSpec, naming: Naming) -> list[dict[str, Any]]:
         "options": {"calculate": False, "yAxis": {"unit": unit}, "cellGap": 1,
                     "color": {"mode": "scheme", "scheme": "Oranges", "steps": 64},
                     "tooltip": {"show": True, "yHistogram": True}},
-        "targets": [_target(f'sum by (le) (increase({series_name(spec, naming)}_bucket'
+        "targets": [_target(f'sum by (le) (increase({series_name(spec)}_bucket'
                             f'{{{_SELECTOR}, {label(ATTR_LAYER)}=~"$layer"}}[{RATE_INTERVAL}]))',
                             "{{le}}", "A", format="heatmap")],
     }
@@ -154,19 +155,19 @@ def _histogram_panels(spec: MetricSpec, naming: Naming) -> list[dict[str, Any]]:
     for statistic in dict.fromkeys(t.statistic for t in spec.thresholds):
         quantile = parse_statistic(spec, statistic)
         if quantile is not None:
-            expr = quantile_expr(spec, quantile, naming, RATE_INTERVAL, selector)
+            expr = quantile_expr(spec, quantile, RATE_INTERVAL, selector)
             legend = _legend((quantile.attribute,) if quantile.attribute else ())
             watched = [t for t in spec.thresholds if t.statistic == statistic]
             panels.append(_timeseries(_title(spec, statistic), spec, unit, [_target(expr, legend, "A")], watched))
     return panels
 
 
-def _panels(spec: MetricSpec, naming: Naming) -> list[dict[str, Any]]:
+def _panels(spec: MetricSpec) -> list[dict[str, Any]]:
     if spec.instrument == "histogram":
-        return _histogram_panels(spec, naming)
+        return _histogram_panels(spec)
     if spec.instrument == "counter":
-        return [_counter_panel(spec, naming)]
-    return [_gauge_panel(spec, naming)]
+        return [_counter_panel(spec)]
+    return [_gauge_panel(spec)]
 
 
 def _layout(rows: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -198,13 +199,13 @@ def _query_variable(name: str, label_name: str, metric: str, selector: str) -> d
             "current": {"selected": True, "text": ["All"], "value": ["$__all"]}, "hide": 0, "regex": ""}
 
 
-def dashboard(naming: Naming = "scrape") -> dict[str, Any]:
+def dashboard() -> dict[str, Any]:
     """The dashboard model (import it in Grafana or provision it from a file)."""
     rows: dict[str, list[dict[str, Any]]] = {}
     for spec in CATALOG:
         family = spec.name.split(".")[1]
-        rows.setdefault(_ROWS.get(family, family.capitalize()), []).extend(_panels(spec, naming))
-    steps = series_name(by_name(TRAIN_STEPS), naming)
+        rows.setdefault(_ROWS.get(family, family.capitalize()), []).extend(_panels(spec))
+    steps = series_name(by_name(TRAIN_STEPS))
     variables = [
         {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
          "current": {}, "hide": 0, "refresh": 1, "regex": ""},
@@ -213,11 +214,11 @@ def dashboard(naming: Naming = "scrape") -> dict[str, Any]:
     ]
     layered = [s for s in CATALOG if s.instrument == "histogram" and ATTR_LAYER in s.attributes]
     if layered:
-        variables.append(_query_variable("layer", label(ATTR_LAYER), f"{series_name(layered[0], naming)}_bucket",
+        variables.append(_query_variable("layer", label(ATTR_LAYER), f"{series_name(layered[0])}_bucket",
                                          _SELECTOR))
     return {
         "uid": UID, "title": "otel_llm: LLM training signals", "tags": ["otel-llm", "llm", "training"],
-        "description": f"Generated by `otel-llm dashboard --naming {naming}` from the otel_llm metric catalog.",
+        "description": "Generated by `otel-llm dashboard` from the otel_llm metric catalog.",
         "schemaVersion": SCHEMA_VERSION, "version": 1, "editable": True, "graphTooltip": 1,
         "time": {"from": "now-1h", "to": "now"}, "refresh": "30s", "timezone": "browser",
         "annotations": {"list": [{"builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"},
@@ -228,6 +229,6 @@ def dashboard(naming: Naming = "scrape") -> dict[str, Any]:
     }
 
 
-def render(naming: Naming = "scrape") -> str:
+def render() -> str:
     """The dashboard as JSON text, stable for checking in."""
-    return json.dumps(dashboard(naming), indent=2) + "\n"
+    return json.dumps(dashboard(), indent=2) + "\n"

@@ -25,7 +25,8 @@ def metric_table() -> str:
         rows.append(
             f"| {spec.signal_number or ''} | `{spec.name}` "
             f"| `{prometheus_name(spec.name, spec.unit, spec.instrument)}` "
-            f"| {spec.instrument} | `{spec.unit}` | {', '.join(f'`{a}`' for a in spec.attributes)} "
+            f"| {spec.instrument} | {f'`{spec.unit}`' if spec.unit else '(none)'} "
+            f"| {', '.join(f'`{a}`' for a in spec.attributes)} "
             f"| {_cell(spec.description)}{buckets} |")
     return "\n".join(rows)
 
@@ -48,7 +49,7 @@ def threshold_table() -> str:
 def signal_guide() -> str:
     """What to do when a signal crosses a catalog threshold: one entry per alert of ``otel-llm rules``.
 
-    Each entry gives the PromQL the alert evaluates (scrape naming), how long it
+    Each entry gives the PromQL the alert evaluates, how long it
     must hold, what it means at each severity and what to check first.
     """
     recorded = {rule["record"]: rule["expr"] for rule in rules.recording_rules()}

@@ -1,26 +1,21 @@
 """Series names and PromQL expressions for catalog signals, shared by the rules and the dashboard.
 
-The same signal reaches a PromQL backend under two naming schemes:
-
-* ``scrape``: otel_llm's own Prometheus endpoint, named by the catalog's
-  :func:`~otel_llm.catalog.prometheus_name` (unit ``1`` adds no suffix);
-* ``otlp``: OTLP translated to Prometheus names by an OpenTelemetry Collector's
-  ``prometheus``/``prometheusremotewrite`` exporter or by VictoriaMetrics with
-  ``-opentelemetry.usePrometheusNaming``, which also append ``_ratio`` to gauges with unit ``1``.
+A catalog signal has one series name on every path (otel_llm's endpoint, and
+OTLP translated to Prometheus names by a Collector, VictoriaMetrics or
+Prometheus 3), because the catalog's units follow the rule in
+:mod:`otel_llm.catalog`; so one rules file and one dashboard serve them all.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Final, Literal, get_args
+from typing import Final
 
 from otel_llm.catalog import MetricSpec, prometheus_name
 
 __all__ = [
     "GROUP_LABELS",
-    "NAMINGS",
-    "Naming",
     "Quantile",
     "label",
     "parse_statistic",
@@ -28,13 +23,9 @@ __all__ = [
     "series_name",
 ]
 
-Naming = Literal["scrape", "otlp"]
-NAMINGS: Final = get_args(Naming)
-
 GROUP_LABELS: Final = ("job", "llm_rank")
 """Labels that tell one training process from another; aggregations keep them."""
 
-_GAUGES = ("observable_gauge", "gauge")
 _QUANTILE = re.compile(r"p(\d+(?:\.\d+)?)(?: per (\w+))?")
 
 
@@ -43,12 +34,9 @@ def label(attribute: str) -> str:
     return attribute.replace(".", "_")
 
 
-def series_name(spec: MetricSpec, naming: Naming) -> str:
-    """The series name of ``spec`` under ``naming`` (histograms add _bucket/_sum/_count to it)."""
-    name = prometheus_name(spec.name, spec.unit, spec.instrument)
-    if naming == "otlp" and spec.instrument in _GAUGES and spec.unit == "1" and not name.endswith("_ratio"):
-        name += "_ratio"
-    return name
+def series_name(spec: MetricSpec) -> str:
+    """The series name of ``spec`` (histograms add _bucket/_sum/_count to it)."""
+    return prometheus_name(spec.name, spec.unit, spec.instrument)
 
 
 @dataclass(frozen=True)
@@ -82,8 +70,8 @@ def parse_statistic(spec: MetricSpec, statistic: str) -> Quantile | None:
     return Quantile(float(match.group(1)) / 100, attribute)
 
 
-def quantile_expr(spec: MetricSpec, quantile: Quantile, naming: Naming, window: str, selector: str = "") -> str:
+def quantile_expr(spec: MetricSpec, quantile: Quantile, window: str, selector: str = "") -> str:
     """``histogram_quantile`` over the bucket rates, one result per process (and attribute)."""
     by = [*GROUP_LABELS, *([label(quantile.attribute)] if quantile.attribute else []), "le"]
-    bucket = f"{series_name(spec, naming)}_bucket{selector}"
+    bucket = f"{series_name(spec)}_bucket{selector}"
     return f"histogram_quantile({quantile.q:g}, sum by ({', '.join(by)}) (rate({bucket}[{window}])))"
