@@ -19,6 +19,7 @@ CONTRACT = {
     "llm.train.learning_rate": (G, "", ("llm.param.group",), None),
     "llm.grad.norm": (G, "", (), None),
     "llm.grad.clipped_steps": (C, "{step}", (), None),
+    "llm.train.skipped_steps": (C, "{step}", (), None),  # DeepSpeed's skipped updates (not in SIGNALS.md yet)
     "llm.grad.norm_decay_rate": (G, "", (), None),
     "llm.grad.sparsity": (G, "", ("llm.param.group",), None),
     "llm.param.update_ratio": (G, "1", (), None),

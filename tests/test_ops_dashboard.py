@@ -22,7 +22,8 @@ CHECKED_IN = ROOT / "collector_configs/grafana/otel-llm-dashboard.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # Grafana unit ids; counters are drawn as per-second rates.
 UNITS = {
-    "llm.train.steps": "count:steps/s", "llm.grad.clipped_steps": "count:steps/s", "llm.train.tokens": "count:tokens/s",
+    "llm.train.steps": "count:steps/s", "llm.train.skipped_steps": "count:steps/s",
+    "llm.grad.clipped_steps": "count:steps/s", "llm.train.tokens": "count:tokens/s",
     "llm.train.step.duration": "s", "llm.telemetry.overhead": "s",
     "llm.rope.angle_deviation": "radian",
     "llm.kv_cache.hits": "count:tokens/s", "llm.kv_cache.lookups": "count:tokens/s",

@@ -25,6 +25,7 @@ from otel_llm.catalog import (
     CATALOG,
     GRAD_SPARSITY,
     TRAIN_LEARNING_RATE,
+    TRAIN_SKIPPED_STEPS,
     MetricSpec,
 )
 from otel_llm.config import Config
@@ -42,6 +43,8 @@ SCALE_RANKS: Final = (8, 256, 1024)
 
 _ABSENT_IN_TRAINING: Final = ("kv_cache",)
 """Families that appear only when a KV cache is used (generation, serving), never in a training step."""
+_ONLY_ON_FAULTS: Final = (TRAIN_SKIPPED_STEPS,)
+"""Series that appear only once something went wrong (an update DeepSpeed skipped): not in the plan."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,8 @@ def attribute_values(spec: MetricSpec, attribute: str, shape: Shape) -> int:
 
 
 def _attribute_sets(spec: MetricSpec, shape: Shape) -> int:
-    if spec.family in _ABSENT_IN_TRAINING or (spec.family == "lora" and not shape.lora):
+    if (spec.family in _ABSENT_IN_TRAINING or spec.name in _ONLY_ON_FAULTS
+            or (spec.family == "lora" and not shape.lora)):
         return 0
     sets = 1
     for attribute in spec.attributes:
