@@ -185,7 +185,7 @@ def test_a_flood_of_idle_connections_leaves_a_checkpointing_job_alone_and_the_en
 @pytest.mark.parametrize("timeout", [0.1, 2.0])
 def test_shutdown_with_a_blackholed_final_push_and_the_endpoint_stays_within_its_bound(monkeypatch, sessions,
                                                                                       timeout):
-    hole = Blackhole()
+    hole, idle = Blackhole(), None
     try:
         otlp_env(monkeypatch, "grpc", hole.port)
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "30")
@@ -194,14 +194,19 @@ def test_shutdown_with_a_blackholed_final_push_and_the_endpoint_stays_within_its
                         sampling_interval=1, shutdown_timeout=timeout)  # no export before the final push
         train(model, optimizer, 3)
         port = urlsplit(session.prometheus_url).port
+        idle = socket.create_connection(("127.0.0.1", port))  # a scraper that connected and went quiet
+        fetch(session.prometheus_url)  # accepted after the idle one: that one is now held by a handler
         started = time.monotonic()
         session.shutdown()
         elapsed = time.monotonic() - started
     finally:
         hole.close()
+        if idle is not None:
+            idle.close()
     print(f"shutdown_timeout {timeout} s: shutdown took {elapsed:.3f} s")
     assert elapsed <= timeout + SLACK, f"shutdown took {elapsed:.2f} s with shutdown_timeout={timeout}"
-    with socket.socket() as sock:  # the endpoint is released: its port can be bound again
+    with socket.socket() as sock:  # the endpoint is released: nothing listens on its port any more
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", port))
 
 
