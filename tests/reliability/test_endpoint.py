@@ -46,6 +46,7 @@ from tests.support.jobs import (
     warnings_logged,
 )
 from tests.support.load import burst, sustained
+from tests.support.ports import held_by_another_process
 from tests.support.receivers import GrpcMetricsReceiver, attributes_dict, metric_points
 from tests.support.scrape import fetch, sample, series
 
@@ -436,25 +437,8 @@ def test_a_secret_on_the_command_line_reaches_neither_the_scrape_nor_the_otlp_re
 @pytest.fixture
 def held_base_port() -> Iterator[int]:
     """A port held by another process (listening on 127.0.0.1), with the port after it free."""
-    code = ("import socket, sys\n"
-            "while True:\n"
-            "    s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
-            "    port = s.getsockname()[1]\n"
-            "    probe = socket.socket()\n"
-            "    try:\n"
-            "        probe.bind(('127.0.0.1', port + 1)); break\n"
-            "    except OSError:\n"
-            "        s.close()\n"
-            "    finally:\n"
-            "        probe.close()\n"
-            "print(port, flush=True)\n"
-            "sys.stdin.read()\n")
-    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        yield int(holder.stdout.readline())
-    finally:
-        holder.stdin.close()
-        holder.wait(10)
+    with held_by_another_process(next_free=True) as port:
+        yield port
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ from otel_llm.runtime.log_once import once
 from tests.support.backends import free_port
 from tests.support.collectors import Blackhole, otlp_env
 from tests.support.jobs import WORKER, finish, job_env, launch, steps_sample, wait_for_status, wait_for_steps
+from tests.support.ports import held_by_another_process
 from tests.support.scrape import fetch, sample
 from tests.support.training import tiny, train
 
@@ -216,14 +217,8 @@ def test_shutdown_with_a_blackholed_final_push_and_the_endpoint_stays_within_its
 @pytest.fixture
 def held_port() -> Iterator[int]:
     """A port another process listens on (one of ours would be shared, not a clash)."""
-    code = ("import socket, sys\ns = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
-            "print(s.getsockname()[1], flush=True)\nsys.stdin.read()\n")
-    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        yield int(holder.stdout.readline())
-    finally:
-        holder.stdin.close()
-        holder.wait(10)
+    with held_by_another_process(next_free=False) as port:
+        yield port
 
 
 def test_a_taken_port_with_prometheus_the_only_reader_says_nothing_is_exported(sessions, caplog, held_port):
