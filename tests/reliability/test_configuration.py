@@ -121,7 +121,7 @@ def test_the_largest_anomaly_settings_keep_the_detector_within_a_few_megabytes()
     finally:
         tracemalloc.stop()
     assert created < 4 * 2**20, f"{created / 2**20:.1f} MiB for 256 new series"
-    assert scoring_peak < 16 * 2**20, f"{scoring_peak / 2**20:.1f} MiB while scoring"
+    assert scoring_peak < 24 * 2**20, f"{scoring_peak / 2**20:.1f} MiB while scoring"
 
 
 # -- the standard OTLP variables the SDK would parse itself ------------------------------------------------------
