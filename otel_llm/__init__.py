@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from otel_llm.catalog import CATALOG, MetricSpec
 from otel_llm.config import Config
+from otel_llm.runtime.log_once import once
 from otel_llm.schema import SchemaError
 from otel_llm.session import Instrumentation, active, check_types
 from otel_llm.version import __version__
@@ -77,5 +78,15 @@ def register(name: str, instrument: str, *, unit: str = "", description: str = "
 
 
 def record(name: str, value: float, attributes: Mapping[str, str] | None = None) -> None:
-    """Record a custom metric on the active session (see :meth:`Instrumentation.record`)."""
-    _current().record(name, value, attributes)
+    """Record a custom metric on the active session (see :meth:`Instrumentation.record`).
+
+    Without a session the value is dropped with one warning: this is called from
+    inside the training loop, which must not stop because telemetry is not running.
+    """
+    session = active()
+    if session is None:
+        once(_logger, logging.WARNING, "record without a session",
+             "otel_llm: record(%r) without a running session (call otel_llm.instrument() or run under "
+             "opentelemetry-instrument first); dropped, and so is every record() until one runs", name)
+        return
+    session.record(name, value, attributes)

@@ -15,6 +15,7 @@ import fnmatch
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -24,6 +25,7 @@ from opentelemetry.sdk.environment_variables import (
     OTEL_EXPORTER_PROMETHEUS_HOST,
     OTEL_EXPORTER_PROMETHEUS_PORT,
     OTEL_METRIC_EXPORT_INTERVAL,
+    OTEL_METRIC_EXPORT_TIMEOUT,
     OTEL_SERVICE_NAME,
 )
 
@@ -31,7 +33,7 @@ from otel_llm import environment_variables as env
 from otel_llm.catalog import CATALOG
 from otel_llm.runtime.log_once import LogOnce
 
-__all__ = ["Config", "EXPORTERS", "Source"]
+__all__ = ["Config", "EXPORTERS", "MAX_PORT", "MAX_SECONDS", "Source", "environment_value"]
 
 _logger = logging.getLogger(__name__)
 _bad_environment = LogOnce()
@@ -40,61 +42,81 @@ _bad_environment = LogOnce()
 EXPORTERS = ("prometheus", "otlp")
 """Readers ``OTEL_METRICS_EXPORTER`` can select (``none`` selects neither)."""
 
+MAX_PORT = 65535
+MAX_SECONDS = 3600.0
+"""Upper bound of every timeout: longer waits overflow neither threads nor sockets, and no shutdown needs an hour."""
+MAX_STEPS = 10**9
+MAX_INTERVAL = 10**6
+MAX_ANOMALY_HISTORY = 1024
+"""Bound of the anomaly baseline and window: the detector's 1024 series then hold at most 2 x 2048 values each."""
+
 Source = Literal["explicit", "environment", "default"]
 """Where a :class:`Config` value came from: an argument, its environment variable, or the built-in default."""
 
 
+def _shown(raw: object) -> str:
+    """``raw`` for a log line or an error, cut short: a megabyte of job-spec value must not become a log line."""
+    try:
+        text = repr(raw)
+    except ValueError:  # an int past Python's digit limit for str()
+        return "an integer too long to print"
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
+
+
 def _int_value(value: Any, name: str) -> int:
     if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise ValueError(f"{name} must be an integer, got {_shown(value)}")
     if isinstance(value, str):
         try:
             return int(value.strip())
-        except ValueError:
-            raise ValueError(f"{name} must be an integer, got {value!r}") from None
+        except ValueError:  # also a numeral too long for int(): it is past every bound anyway
+            raise ValueError(f"{name} must be an integer, got {_shown(value)}") from None
     if isinstance(value, int):
         return value
-    raise ValueError(f"{name} must be an integer, got {value!r}")
+    raise ValueError(f"{name} must be an integer, got {_shown(value)}")
 
 
-def _at_least(minimum: int) -> Callable[[Any, str], int]:
+def _at_least(minimum: int, at_most: int) -> Callable[[Any, str], int]:
+    """An integer in [minimum, at_most]: the upper bound keeps a typo like 1e23 from hanging or exhausting memory."""
     def parse(value: Any, name: str) -> int:
         number = _int_value(value, name)
         if number < minimum:
             raise ValueError(f"{name} must be >= {minimum}, got {number}")
+        if number > at_most:
+            raise ValueError(f"{name} must be <= {at_most}, got {_shown(number)}")
         return number
 
     return parse
 
 
-_positive_int = _at_least(1)
-_non_negative_int = _at_least(0)
-
-
 def _port(value: Any, name: str) -> int:
     number = _int_value(value, name)
-    if not 0 <= number <= 65535:
-        raise ValueError(f"{name} must be a TCP port 0..65535, got {number}")
-    return number
-
-
-def _token_samples(value: Any, name: str) -> int:
-    number = _positive_int(value, name)
-    if number > 512:
-        raise ValueError(f"{name} must be at most 512 (the catalog bound), got {number}")
+    if not 0 <= number <= MAX_PORT:
+        raise ValueError(f"{name} must be a TCP port 0..{MAX_PORT}, got {_shown(number)}")
     return number
 
 
 def _positive_float(value: Any, name: str) -> float:
     if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise ValueError(f"{name} must be a number, got {_shown(value)}")
     try:
         number = float(value.strip() if isinstance(value, str) else value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
+        raise ValueError(f"{name} must be a number, got {_shown(value)}") from None
     if not math.isfinite(number) or number <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        raise ValueError(f"{name} must be a finite number > 0, got {_shown(value)}")
     return number
+
+
+def _at_most(limit: float, parse: Callable[[Any, str], float]) -> Callable[[Any, str], float]:
+    """``parse`` with an upper bound (timeouts past it overflow the thread and socket waits)."""
+    def bounded(value: Any, name: str) -> float:
+        number = parse(value, name)
+        if number > limit:
+            raise ValueError(f"{name} must be <= {limit:g}, got {_shown(value)}")
+        return number
+
+    return bounded
 
 
 def _non_negative_float(value: Any, name: str) -> float:
@@ -105,13 +127,13 @@ def _non_negative_float(value: Any, name: str) -> float:
             number = math.nan
         if math.isfinite(number) and number >= 0:
             return number
-    raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    raise ValueError(f"{name} must be a finite number >= 0, got {_shown(value)}")
 
 
 def _fraction(value: Any, name: str) -> float:
     number = _positive_float(value, name)
     if number > 1:
-        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+        raise ValueError(f"{name} must be in (0, 1], got {_shown(value)}")
     return number
 
 
@@ -123,14 +145,14 @@ def _flag(value: Any, name: str) -> bool:
         return True
     if text in ("false", "0", "no", "off"):
         return False
-    raise ValueError(f"{name} must be true or false, got {value!r}")
+    raise ValueError(f"{name} must be true or false, got {_shown(value)}")
 
 
 def _choice(*choices: str) -> Callable[[Any, str], str]:
     def parse(value: Any, name: str) -> str:
         text = str(value).strip().lower()
         if text not in choices:
-            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {_shown(value)}")
         return text
 
     return parse
@@ -141,7 +163,7 @@ def _items(value: Any) -> list[str]:
         return [item.strip() for item in value.split(",") if item.strip()]
     if isinstance(value, Iterable):
         return [str(item).strip() for item in value if str(item).strip()]
-    raise ValueError(f"expected a comma-separated string or a list, got {value!r}")
+    raise ValueError(f"expected a comma-separated string or a list, got {_shown(value)}")
 
 
 def _signals(value: Any, name: str) -> tuple[str, ...]:
@@ -159,7 +181,7 @@ def _exporters(value: Any, name: str) -> tuple[str, ...]:
         return ()
     unknown = [item for item in items if item not in EXPORTERS]
     if unknown or not items:
-        raise ValueError(f"{name} must be a comma list of {', '.join(EXPORTERS)} or 'none', got {value!r}")
+        raise ValueError(f"{name} must be a comma list of {', '.join(EXPORTERS)} or 'none', got {_shown(value)}")
     return tuple(dict.fromkeys(items))
 
 
@@ -176,6 +198,37 @@ def _text(value: Any, name: str) -> str:
     return text
 
 
+_HOST_NAME = re.compile(r"^[A-Za-z0-9._:%-]{1,253}$")
+
+
+def _host(value: Any, name: str) -> str:
+    """A host name or IP address to bind; ``[::1]`` is taken as ``::1`` (brackets belong in URLs only)."""
+    text = _text(value, name)
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    if not _HOST_NAME.match(text):
+        raise ValueError(f"{name} must be a host name or IP address, got {_shown(value)}")
+    return text
+
+
+def environment_value(variable: str, parse: Callable[[Any, str], Any], default: Any) -> tuple[Any, Source]:
+    """``variable`` parsed, or ``default`` when it is unset or bad; a bad value is logged once.
+
+    The one way otel_llm reads a variable, its own or a standard one: the line
+    names the variable, the value and what is used instead, because a typo in a
+    job spec must not stop a training run.
+    """
+    raw = os.environ.get(variable)
+    if raw is None or raw.strip() == "":
+        return default, "default"
+    try:
+        return parse(raw, variable), "environment"
+    except ValueError as exc:
+        _bad_environment(_logger, logging.WARNING, (variable, raw),
+                         "otel_llm: ignoring %s=%s (%s); using %r instead", variable, _shown(raw), exc, default)
+        return default, "default"
+
+
 @dataclass(frozen=True)
 class _Filled:
     """A value a field's default factory supplied, tagged with its source so no later check has to guess it."""
@@ -188,15 +241,7 @@ def _option(env_var: str, parse: Callable[[Any, str], Any], default: Any, help: 
     """A dataclass field whose default comes from ``env_var`` when that is set and valid."""
 
     def from_env() -> _Filled:
-        raw = os.environ.get(env_var)
-        if raw is None or raw.strip() == "":
-            return _Filled(default, "default")
-        try:
-            return _Filled(parse(raw, env_var), "environment")
-        except ValueError as exc:
-            _bad_environment(_logger, logging.WARNING, (env_var, raw),
-                             "otel_llm: ignoring %s=%r (%s); using the default %r", env_var, raw, exc, default)
-            return _Filled(default, "default")
+        return _Filled(*environment_value(env_var, parse, default))
 
     return field(default_factory=from_env, metadata={"env": env_var, "parse": parse,
                                                      "default": default, "help": help})
@@ -217,22 +262,22 @@ class Config:
         env.OTEL_LLM_SAMPLING, _choice("adaptive", "fixed"), "adaptive",
         "Sampling policy: `adaptive` (see \"Adaptive sampling\") or `fixed` (every `sampling_interval` steps).")
     sampling_interval: int = _option(
-        env.OTEL_LLM_SAMPLING_INTERVAL, _positive_int, 10,
+        env.OTEL_LLM_SAMPLING_INTERVAL, _at_least(1, MAX_INTERVAL), 10,
         "Fixed policy: compute the expensive signals every N optimizer steps.")
     sampling_warmup: int = _option(
-        env.OTEL_LLM_SAMPLING_WARMUP, _non_negative_int, 100,
+        env.OTEL_LLM_SAMPLING_WARMUP, _at_least(0, MAX_STEPS), 100,
         "Adaptive: sample every step for the first N steps.")
     sampling_min_interval: int = _option(
-        env.OTEL_LLM_SAMPLING_MIN_INTERVAL, _positive_int, 10,
+        env.OTEL_LLM_SAMPLING_MIN_INTERVAL, _at_least(1, MAX_INTERVAL), 10,
         "Adaptive: interval after warm-up and right after a loss spike, non-finite value or anomaly.")
     sampling_max_interval: int = _option(
-        env.OTEL_LLM_SAMPLING_MAX_INTERVAL, _positive_int, 100,
+        env.OTEL_LLM_SAMPLING_MAX_INTERVAL, _at_least(1, MAX_INTERVAL), 100,
         "Adaptive: the interval never exceeds this.")
     sampling_growth_steps: int = _option(
-        env.OTEL_LLM_SAMPLING_GROWTH_STEPS, _positive_int, 1000,
+        env.OTEL_LLM_SAMPLING_GROWTH_STEPS, _at_least(1, MAX_STEPS), 1000,
         "Adaptive: the interval doubles after every N steps without trouble.")
     sampling_loss_window: int = _option(
-        env.OTEL_LLM_SAMPLING_LOSS_WINDOW, _at_least(2), 20,
+        env.OTEL_LLM_SAMPLING_LOSS_WINDOW, _at_least(2, 10_000), 20,
         "Adaptive: sampled losses behind the spike and plateau tests.")
     sampling_spike_sigma: float = _option(
         env.OTEL_LLM_SAMPLING_SPIKE_SIGMA, _positive_float, 4.0,
@@ -248,16 +293,16 @@ class Config:
         env.OTEL_LLM_ANOMALY_DETECTION, _flag, True,
         "Run the SAX anomaly detector on every gauge signal (`llm.anomaly.events`).")
     anomaly_baseline: int = _option(
-        env.OTEL_LLM_ANOMALY_BASELINE, _at_least(2), 64,
+        env.OTEL_LLM_ANOMALY_BASELINE, _at_least(2, MAX_ANOMALY_HISTORY), 64,
         "Anomaly: sampled values per signal in the baseline.")
     anomaly_window: int = _option(
-        env.OTEL_LLM_ANOMALY_WINDOW, _positive_int, 8,
+        env.OTEL_LLM_ANOMALY_WINDOW, _at_least(1, MAX_ANOMALY_HISTORY), 8,
         "Anomaly: sampled values in the recent window (at most the baseline).")
     anomaly_segments: int = _option(
-        env.OTEL_LLM_ANOMALY_SEGMENTS, _positive_int, 4,
+        env.OTEL_LLM_ANOMALY_SEGMENTS, _at_least(1, MAX_ANOMALY_HISTORY), 4,
         "Anomaly: PAA segments per window (must divide the window).")
     anomaly_alphabet: int = _option(
-        env.OTEL_LLM_ANOMALY_ALPHABET, _at_least(2), 8,
+        env.OTEL_LLM_ANOMALY_ALPHABET, _at_least(2, 256), 8,
         "Anomaly: SAX alphabet size (Gaussian breakpoints).")
     anomaly_threshold: float = _option(
         env.OTEL_LLM_ANOMALY_THRESHOLD, _positive_float, 6.5,
@@ -272,16 +317,16 @@ class Config:
         env.OTEL_LLM_GRAD_SPARSITY_THRESHOLD, _non_negative_float, 1e-5,
         "abs(grad) at or below this counts as zero in `llm.grad.sparsity`.")
     token_loss_samples: int = _option(
-        env.OTEL_LLM_TOKEN_LOSS_SAMPLES, _token_samples, 512,
+        env.OTEL_LLM_TOKEN_LOSS_SAMPLES, _at_least(1, 512), 512,
         "Most per-token losses recorded into `llm.loss.token` per sampled step.")
     update_sample_size: int = _option(
-        env.OTEL_LLM_UPDATE_SAMPLE_SIZE, _positive_int, 65536,
+        env.OTEL_LLM_UPDATE_SAMPLE_SIZE, _at_least(1, 2**22), 65536,
         "Coordinates in the shared sample behind `llm.param.update_variance_ratio`.")
     update_sample_seed: int = _option(
-        env.OTEL_LLM_UPDATE_SAMPLE_SEED, _non_negative_int, 0,
+        env.OTEL_LLM_UPDATE_SAMPLE_SEED, _at_least(0, 2**64 - 1), 0,
         "Seed of that coordinate sample (equal on every rank).")
     attention_queries: int = _option(
-        env.OTEL_LLM_ATTENTION_QUERIES, _positive_int, 64,
+        env.OTEL_LLM_ATTENTION_QUERIES, _at_least(1, 65_536), 64,
         "Query positions per attention call behind the attention signals (the last is always one).")
     layers_path: str | None = _option(
         env.OTEL_LLM_LAYERS_PATH, _optional_path, None,
@@ -297,20 +342,23 @@ class Config:
         env.OTEL_LLM_ACTIVATION_OUTLIER_THRESHOLD, _positive_float, 6.0,
         "A hidden dimension whose max abs reaches this is an outlier in `llm.activation.outlier_ratio`.")
     shutdown_timeout: float = _option(
-        env.OTEL_LLM_SHUTDOWN_TIMEOUT, _positive_float, 2.0,
+        env.OTEL_LLM_SHUTDOWN_TIMEOUT, _at_most(MAX_SECONDS, _positive_float), 2.0,
         "Upper bound in seconds on `shutdown()` and flushes.")
     exporters: tuple[str, ...] = _option(
         OTEL_METRICS_EXPORTER, _exporters, EXPORTERS,
         "Readers: `prometheus`, `otlp`, both (comma list) or `none`.")
     prometheus_host: str = _option(
-        OTEL_EXPORTER_PROMETHEUS_HOST, _text, "127.0.0.1",
+        OTEL_EXPORTER_PROMETHEUS_HOST, _host, "127.0.0.1",
         "Address the Prometheus endpoint binds (loopback unless set).")
     prometheus_port: int = _option(
         OTEL_EXPORTER_PROMETHEUS_PORT, _port, 9464,
         "Base port of the Prometheus endpoint; local rank k serves on base + k.")
     export_interval_ms: int = _option(
-        OTEL_METRIC_EXPORT_INTERVAL, _positive_int, 60000,
+        OTEL_METRIC_EXPORT_INTERVAL, _at_least(1, 86_400_000), 60000,
         "Milliseconds between OTLP pushes.")
+    export_timeout_ms: int = _option(
+        OTEL_METRIC_EXPORT_TIMEOUT, _at_least(1, 3_600_000), 30000,
+        "Milliseconds one OTLP push (collection and export) may take.")
     service_name: str = _option(
         OTEL_SERVICE_NAME, _text, "otel-llm-training",
         "`service.name` resource attribute.")

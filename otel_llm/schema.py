@@ -12,7 +12,12 @@ the same guarantees (legal names, explicit buckets, bounded attributes)::
         buckets: [0.1, 0.5, 1.0]   # histograms only
 
 Every rule violation raises :class:`SchemaError` at start-up naming the file,
-the entry and the rule, so a broken schema never half-loads.
+the entry and the rule, so a broken schema never half-loads. A user metric may
+not take a name anything else in the exposition has: the built-in catalog,
+``target_info``, the process and platform collectors of prometheus_client's
+registry (``process_*``, ``python_*``), or a suffix OpenMetrics gives a family's
+samples (``_total``, ``_bucket``, ...): two families of one name fail
+``promtool check metrics`` and every OpenMetrics parser.
 """
 
 from __future__ import annotations
@@ -25,13 +30,20 @@ from typing import Any
 
 from otel_llm.catalog import CATALOG, MetricSpec, prometheus_name
 
-__all__ = ["SCHEMA_INSTRUMENTS", "SchemaError", "load_schema", "validate_spec"]
+__all__ = ["MAX_SCHEMA_BYTES", "RESERVED_FAMILIES", "RESERVED_PREFIXES", "SCHEMA_INSTRUMENTS", "SchemaError",
+           "builtin_names", "load_schema", "validate_spec"]
 
 SCHEMA_INSTRUMENTS = ("counter", "up_down_counter", "histogram", "gauge")
 """Instrument kinds a user metric may declare (all recorded synchronously)."""
 
 _NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*(\.[a-zA-Z0-9_]+)*$")
 _RESERVED_SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_created", "_info", "_gsum", "_gcount")
+RESERVED_FAMILIES = {"target": "target_info (the resource)"}
+"""Families the endpoint always serves besides the catalog, with what serves them."""
+RESERVED_PREFIXES = {"process_": "the process collector", "python_": "the platform and GC collectors"}
+"""Family prefixes of prometheus_client's default collectors, served on the same endpoint."""
+MAX_SCHEMA_BYTES = 1 << 20
+"""A schema file is read whole: a path naming a huge file must not take the training job's memory."""
 _KEYS = {"name", "instrument", "unit", "description", "attributes", "buckets"}
 
 
@@ -67,7 +79,13 @@ def validate_spec(raw: Mapping[str, Any], *, source: str = "<register>", entry: 
     instrument = raw.get("instrument")
     if instrument not in SCHEMA_INSTRUMENTS:
         raise _fail(source, label, f"unknown instrument {instrument!r}; use one of {', '.join(SCHEMA_INSTRUMENTS)}")
-    unit = str(raw.get("unit", ""))
+    unit = raw.get("unit", "")
+    if isinstance(unit, int) and not isinstance(unit, bool):
+        unit = str(unit)
+    if not isinstance(unit, str):
+        hint = " (quote it: unit: \"{token}\" - unquoted, YAML reads {token} as a mapping)" \
+            if isinstance(unit, Mapping) else ""
+        raise _fail(source, label, f"unit must be a string, got {unit!r}{hint}")
     description = str(raw.get("description", "")).strip() or f"User metric {name}."  # HELP must not be empty
     attributes = raw.get("attributes", []) or []
     if not isinstance(attributes, Sequence) or isinstance(attributes, str):
@@ -90,7 +108,19 @@ def validate_spec(raw: Mapping[str, Any], *, source: str = "<register>", entry: 
         if any(low >= high for low, high in zip(values, values[1:])):
             raise _fail(source, label, f"buckets must be strictly increasing, got {list(buckets)!r}")
         buckets = tuple(values)
-    family = _family(prometheus_name(name, unit, instrument))
+    series = prometheus_name(name, unit, instrument)
+    stem = series.removesuffix("_total") if instrument == "counter" else series
+    if stem.endswith(_RESERVED_SUFFIXES):
+        raise _fail(source, label, f"name {name!r} with unit {unit!r} is exported as {series!r}, which ends with a "
+                                   f"suffix OpenMetrics reserves ({', '.join(_RESERVED_SUFFIXES)})")
+    family = _family(series)
+    if family in RESERVED_FAMILIES:
+        raise _fail(source, label, f"name {name!r} is exported as family {family!r}, which the endpoint already "
+                                   f"serves as {RESERVED_FAMILIES[family]}")
+    for prefix, owner in RESERVED_PREFIXES.items():
+        if family.startswith(prefix):
+            raise _fail(source, label, f"name {name!r} is exported as {series!r}; names starting with {prefix!r} "
+                                       f"belong to {owner} on the same endpoint")
     for other, other_prom in (taken or {}).items():
         if name == other or family == _family(other_prom):
             raise _fail(source, label, f"name {name!r} clashes with {other!r} (same Prometheus family)")
@@ -108,9 +138,16 @@ def load_schema(path: str | Path) -> tuple[MetricSpec, ...]:
 
     source = str(path)
     try:
-        document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        with Path(path).open("rb") as file:
+            data = file.read(MAX_SCHEMA_BYTES + 1)
     except OSError as exc:
-        raise SchemaError(f"otel_llm schema {source}: cannot read the file ({exc.strerror})") from None
+        raise SchemaError(f"otel_llm schema {source}: cannot read the file ({exc.strerror or exc})") from None
+    if len(data) > MAX_SCHEMA_BYTES:
+        raise SchemaError(f"otel_llm schema {source}: larger than {MAX_SCHEMA_BYTES} bytes; not a schema file")
+    try:
+        document = yaml.safe_load(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise SchemaError(f"otel_llm schema {source}: not UTF-8 text (byte {exc.start}); not a schema file") from None
     except yaml.YAMLError as exc:
         raise SchemaError(f"otel_llm schema {source}: not valid YAML ({exc})") from None
     if document is None:

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -35,13 +35,12 @@ from otel_llm.catalog import (
     TRAIN_SKIPPED_STEPS,
     TRAIN_STEPS,
     MetricSpec,
-    prometheus_name,
 )
 from otel_llm.config import Config
 from otel_llm.export.provider import ProviderBundle, build_provider
 from otel_llm.pipeline.anomaly import AnomalyMonitor
 from otel_llm.pipeline.clock import StepClock
-from otel_llm.pipeline.publisher import Publisher, Recorder, create_recorder
+from otel_llm.pipeline.publisher import Publisher
 from otel_llm.pipeline.sampler import SamplingInputs, make_sampler
 from otel_llm.pipeline.transfer import CounterPoint, HostStep, Publication, to_host
 from otel_llm.probes._deepspeed import UPDATE, initializing
@@ -53,7 +52,8 @@ from otel_llm.probes.registry import build_probes
 from otel_llm.runtime import fork
 from otel_llm.runtime.log_once import once
 from otel_llm.runtime.termination import install_sigterm_handler
-from otel_llm.schema import builtin_names, load_schema, validate_spec
+from otel_llm.schema import load_schema
+from otel_llm.user_metrics import UserMetrics, as_number, describe, is_scalar
 from otel_llm.version import __version__
 
 __all__ = ["Instrumentation", "active", "check_types"]
@@ -89,16 +89,12 @@ def _anomaly_monitor(config: Config) -> AnomalyMonitor | None:
                           ignored=(TRAIN_LEARNING_RATE, MEMORY_PRESSURE, TELEMETRY_SAMPLING_INTERVAL))
 
 
-def _is_scalar_loss(value: object) -> bool:
-    if isinstance(value, torch.Tensor):
-        return value.numel() == 1 and not value.dtype.is_complex
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _describe_value(value: object) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    return type(value).__name__
+def _count(value: object) -> int | None:
+    """A KV-cache count: a whole number >= 0 (int, float or one-element tensor), else None."""
+    number = as_number(value)
+    if number is None or not 0 <= number < float("inf") or number != int(number):
+        return None
+    return int(number)
 
 
 def check_types(model: object, optimizer: object) -> torch.optim.Optimizer | None:
@@ -123,10 +119,13 @@ class Instrumentation:
 
     def __init__(self, model: torch.nn.Module | None = None, optimizer: Any = None, *,
                  config: Config | None = None, meter_provider: MeterProvider | None = None,
-                 bundle: ProviderBundle | None = None, extra_readers: Iterable[MetricReader] = ()) -> None:
+                 bundle: ProviderBundle | None = None, extra_readers: Iterable[MetricReader] = (),
+                 schema: Sequence[MetricSpec] | None = None) -> None:
         optimizer = check_types(model, optimizer)
         self.config = config if config is not None else Config()
-        schema = load_schema(self.config.schema_path) if self.config.schema_path else ()
+        if schema is None:
+            schema = bundle.schema if bundle is not None else (
+                load_schema(self.config.schema_path) if self.config.schema_path else ())
         if bundle is not None:
             self._bundle, self._owns_provider = bundle, True
         elif meter_provider is not None:
@@ -136,9 +135,7 @@ class Instrumentation:
         meter = self._bundle.provider.get_meter("otel_llm", __version__)
         self._meter = meter
         self._publisher = Publisher(meter, _anomaly_monitor(self.config))
-        self._custom: dict[str, tuple[MetricSpec, Recorder]] = {}
-        for spec in schema:
-            self._custom[spec.name] = (spec, create_recorder(meter, spec))
+        self._user = UserMetrics(meter, schema, self._bundle.schema, self._publisher.count_nonfinite)
 
         self._clock = StepClock(make_sampler(self.config))
         self._probes = build_probes(self.config, record_kv_cache=self._publisher.record_kv_cache)
@@ -214,10 +211,10 @@ class Instrumentation:
         Checked on every call, sampled step or not, so a wrong value shows at once; it is
         then dropped with one warning, never raised into the loop.
         """
-        if not _is_scalar_loss(loss):
+        if not is_scalar(loss):
             once(_logger, logging.WARNING, ("record_loss", type(loss).__name__),
                  "otel_llm: record_loss() takes a number or a one-element tensor, got %s; dropped",
-                 _describe_value(loss))
+                 describe(loss))
             return
         probe = self._probes.get(LossProbe)
         if self._clock.sampled and not self.closed and probe is not None:
@@ -225,7 +222,13 @@ class Instrumentation:
 
     def record_kv_cache(self, reused: int, added: int) -> None:
         """Report one KV-cache update: ``reused`` entries served from cache, ``added`` newly computed."""
-        self._publisher.record_kv_cache(int(reused), int(added))
+        hits, new = _count(reused), _count(added)
+        if hits is None or new is None:
+            once(_logger, logging.WARNING, ("record_kv_cache", "counts"),
+                 "otel_llm: record_kv_cache() takes two whole numbers >= 0, got reused=%s, added=%s; dropped",
+                 describe(reused), describe(added))
+            return
+        self._publisher.record_kv_cache(hits, new)
 
     def read_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         """Read the step's gradients now; from then on the optimizer's pre-step hook leaves them alone.
@@ -244,28 +247,15 @@ class Instrumentation:
                                "description": description, "attributes": list(attributes)}
         if buckets is not None:
             raw["buckets"] = list(buckets)
-        taken = builtin_names()
-        taken.update({n: prometheus_name(s.name, s.unit, s.instrument) for n, (s, _) in self._custom.items()})
-        spec = validate_spec(raw, source="register()", entry=repr(name), taken=taken)
-        self._custom[spec.name] = (spec, create_recorder(self._meter, spec))
-        return spec
+        return self._user.register(raw)
 
     def record(self, name: str, value: float, attributes: Mapping[str, str] | None = None) -> None:
         """Record a value of a schema-declared or registered metric; NaN/Inf are counted, not sent.
 
-        Attribute keys the metric does not declare are dropped, as its View drops them.
+        Attribute keys the metric does not declare are dropped, as its View drops
+        them; a call that cannot be recorded is dropped with one warning, never raised.
         """
-        if fork.forked:  # a forked worker never exports; recording could wait on a lock copied mid-use
-            return
-        entry = self._custom.get(name)
-        if entry is None:
-            raise ValueError(f"unknown custom metric {name!r}: declare it in OTEL_LLM_SCHEMA or register() it")
-        spec, recorder = entry
-        value = float(value)
-        if value != value or value in (float("inf"), float("-inf")):
-            self._publisher.count_nonfinite(name)
-            return
-        recorder(value, {key: value for key, value in (attributes or {}).items() if key in spec.attributes})
+        self._user.record(name, value, attributes)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Publish pending token counts and push OTLP now; bounded by ``timeout`` (default: config)."""
@@ -343,7 +333,10 @@ class Instrumentation:
     # -- optimizer hooks ----------------------------------------------------------
     def _on_pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._gradients_read_externally and not initializing():
-            self._pre_step(optimizer)
+            try:
+                self._pre_step(optimizer)
+            except Exception:  # noqa: BLE001 - the probes guard themselves; this guards the rest of the hook
+                log_failure("optimizer pre-step")
 
     def _pre_step(self, optimizer: torch.optim.Optimizer) -> None:
         if fork.forked or self.closed or not self._owns(optimizer):
@@ -369,6 +362,12 @@ class Instrumentation:
         """A DeepSpeed wrapper's ``step()`` begins or returns: the bounds of one update of its torch optimizer."""
         if fork.forked or self.closed:
             return
+        try:
+            self._update_bound(wrapper, begins)
+        except Exception:  # noqa: BLE001 - inside DeepSpeed's step: never raise into it
+            log_failure("DeepSpeed update")
+
+    def _update_bound(self, wrapper: Any, begins: bool) -> None:
         optimizer = innermost_optimizer(wrapper)
         if optimizer is None or not self._owns(optimizer):
             return
@@ -394,6 +393,7 @@ class Instrumentation:
                                                counters=[(TRAIN_SKIPPED_STEPS, {}, 1)], durations=[]))
 
     def _after_training_step(self, result: Any) -> None:
+        """``Trainer.training_step`` returned: end the update that completed inside it, if any."""
         deferred, self._deferred = self._deferred, None
         if deferred is not None and not inside_training_step():
             self._end_step(deferred)
@@ -410,11 +410,14 @@ class Instrumentation:
             return
         now = time.perf_counter()
         with self._lock:
-            durations = self._clock.durations(now)
-            if self._clock.sampled:
-                self._publish(optimizer, durations, started=now)
-            else:
-                self._submit_counts(steps=1, durations=durations)
+            try:
+                durations = self._clock.durations(now)
+                if self._clock.sampled:
+                    self._publish(optimizer, durations, started=now)
+                else:
+                    self._submit_counts(steps=1, durations=durations)
+            except Exception:  # noqa: BLE001 - the step's telemetry is lost, never the step
+                log_failure("publish")
             self._probes.begin_step(self._clock.advance())
             self._overhead = 0.0
             self._clock.mark_end()

@@ -15,18 +15,17 @@ from pathlib import Path
 import opentelemetry.environment_variables as otel_api_env
 import opentelemetry.sdk.environment_variables as otel_sdk_env
 import pytest
-import torch
 
 import otel_llm
 from otel_llm import config as config_module
 from otel_llm import environment_variables as env_module
+from otel_llm.runtime.log_once import once
 from otel_llm.session import active
 from otel_llm.zero_code.instrumentor import TorchInstrumentor
-from tests.models import GPT
+from tests.support.training import tiny, train
 
 pytestmark = pytest.mark.timeout(60)
 
-VOCAB = 64
 
 
 @pytest.fixture(autouse=True)
@@ -36,22 +35,6 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         if name.startswith("OTEL_") or name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
             monkeypatch.delenv(name)
     config_module._bad_environment.forget()
-
-
-def tiny() -> tuple[GPT, torch.optim.Optimizer]:
-    torch.manual_seed(0)
-    model = GPT(vocab=VOCAB)
-    return model, torch.optim.SGD(model.parameters(), lr=0.05)
-
-
-def train(model: GPT, optimizer: torch.optim.Optimizer, steps: int) -> None:
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        idx = torch.randint(0, VOCAB, (2, 16), generator=g)
-        _, loss = model(idx, idx)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
 
 
 # -- Config ---------------------------------------------------------------------------
@@ -388,8 +371,7 @@ def test_schema_metrics_are_recorded_with_declared_buckets_and_attributes(harnes
     otel_llm.record("llm.custom.rollouts", 1, {"llm.custom.env": "code"})
     for reward in (0.0, 0.25, 0.75, 2.0):
         otel_llm.record("llm.custom.reward", reward, {"llm.custom.env": "math"})
-    with pytest.raises(ValueError, match="negative"):
-        otel_llm.record("llm.custom.reward", -0.5, {"llm.custom.env": "math"})
+    otel_llm.record("llm.custom.reward", -0.5, {"llm.custom.env": "math"})  # dropped: negative
     otel_llm.record("llm.custom.kl", 0.125)
     otel_llm.record("llm.custom.kl", 0.0625)
     m = h.collect()
@@ -511,10 +493,13 @@ def test_missing_schema_file_fails_naming_the_file(tmp_path, monkeypatch):
     assert active() is None
 
 
-def test_empty_schema_file_declares_nothing(harness, tmp_path):
+def test_empty_schema_file_declares_nothing(harness, tmp_path, caplog):
     h = harness(schema_path=str(write(tmp_path, "")))
-    with pytest.raises(ValueError, match="unknown custom metric"):
+    once.forget()
+    with caplog.at_level(logging.WARNING, logger="otel_llm"):
         h.session.record("llm.custom.kl", 1.0)
+    assert "no such user metric" in caplog.text
+    assert "llm.custom.kl" not in h.collect().names()
 
 
 # -- register() and record() at run time ----------------------------------------------------
@@ -541,8 +526,8 @@ def test_register_at_runtime_records_with_declared_buckets(harness):
     assert m.value("llm.custom.accepted") == 16
     assert m.value("llm.custom.queue") == 3
     assert m.value("llm.train.steps") == 1
-    with pytest.raises(ValueError, match="counter"):
-        otel_llm.record("llm.custom.accepted", -1)
+    otel_llm.record("llm.custom.accepted", -1)  # a counter cannot decrease: dropped (OTel semantics)
+    assert h.collect().value("llm.custom.accepted") == 16
 
 
 def test_registered_metrics_keep_only_declared_attributes_and_always_have_help_text(harness):
@@ -575,8 +560,8 @@ def test_register_validates_like_the_schema_file(harness, tmp_path, args, kwargs
     assert rule in str(info.value)
     assert repr(args[0]) in str(info.value)
     if args[0] != "llm.custom.kl":  # a rejected name is not half-registered
-        with pytest.raises(ValueError, match="unknown custom metric"):
-            h.session.record(args[0], 1.0)
+        h.session.record(args[0], 1.0)
+        assert args[0] not in h.collect().names()
 
 
 def test_register_twice_and_translation_clash_between_registered_metrics(harness):
@@ -591,18 +576,26 @@ def test_register_twice_and_translation_clash_between_registered_metrics(harness
     assert h.collect().histogram("llm.custom.wait").count == 1
 
 
-def test_record_of_unknown_name_raises(harness, tmp_path):
-    harness(schema_path=str(write(tmp_path, VALID)))
-    with pytest.raises(ValueError, match="llm.custom.nope"):
+def test_record_of_an_unknown_name_is_dropped_with_one_warning(harness, tmp_path, caplog):
+    h = harness(schema_path=str(write(tmp_path, VALID)))
+    once.forget()
+    with caplog.at_level(logging.WARNING, logger="otel_llm"):
         otel_llm.record("llm.custom.nope", 1.0)
-    with pytest.raises(ValueError, match="unknown custom metric"):
         otel_llm.record("llm.train.loss", 1.0)  # built-ins are not user-recordable
+        otel_llm.record("llm.custom.nope", 2.0)
+    warnings = [r.getMessage() for r in caplog.records if "no such user metric" in r.getMessage()]
+    assert len(warnings) == 1 and "llm.custom.nope" in warnings[0]
+    names = h.collect().names()
+    assert "llm.custom.nope" not in names and "llm.train.loss" not in names
 
 
-def test_record_without_a_session_raises():
+def test_record_without_a_session_is_dropped_with_one_warning(caplog):
     assert active() is None
-    with pytest.raises(RuntimeError, match="instrument"):
+    once.forget()
+    with caplog.at_level(logging.WARNING, logger="otel_llm"):
         otel_llm.record("llm.custom.kl", 1.0)
+        otel_llm.record("llm.custom.kl", 2.0)
+    assert sum("without a running session" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_nonfinite_records_are_counted_not_exported(harness, tmp_path):

@@ -14,8 +14,6 @@ import math
 import os
 import re
 import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +29,7 @@ from otel_llm.catalog import LOSS_TOKEN_BUCKETS, STEP_DURATION_BUCKETS
 from tests.models import GPT
 from tests.support.backends import free_port
 from tests.support.collectors import otlp_env
+from tests.support.ports import held_by_another_process
 from tests.support.receivers import GrpcMetricsReceiver, HttpMetricsReceiver
 from tests.support.scrape import fetch, sample, series
 
@@ -221,21 +220,8 @@ def test_disabled_signals_are_absent_from_the_scrape(sessions):
 @pytest.fixture
 def foreign_listener() -> Iterator[int]:
     """A port held by a separate Python process listening on 127.0.0.1."""
-    code = ("import socket, sys\n"
-            "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
-            "print(s.getsockname()[1], flush=True)\n"
-            "sys.stdin.read()\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        port = int(proc.stdout.readline())
+    with held_by_another_process(next_free=False) as port:
         yield port
-    finally:
-        proc.stdin.close()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def test_port_held_by_another_process_degrades_to_otlp_with_one_warning(sessions, foreign_listener, monkeypatch,

@@ -3,8 +3,12 @@
 Built so the export path can never hurt training:
 
 * the Prometheus endpoint binds loopback unless configured, local rank k uses
-  base port + k, and a port held by another process degrades to OTLP only with
-  one warning (never a silent no-op provider);
+  base port + k, and an endpoint that cannot be served (a port held by another
+  process, a host that does not resolve) costs that reader alone, with one
+  warning saying what is left (never a silent no-op provider);
+* the standard OTLP variables are validated before the SDK sees them
+  (:mod:`otel_llm.export.sdk_variables`), and an exporter that still cannot be
+  built costs the OTLP reader alone;
 * the OTLP exporter is wrapped so a forked child (DataLoader worker) never
   exports the parent's copied state;
 * flushes touch the OTLP reader only (a provider-wide flush makes the
@@ -20,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -36,6 +41,7 @@ from opentelemetry.sdk.resources import Resource
 from otel_llm.catalog import MetricSpec
 from otel_llm.config import Config
 from otel_llm.export import log_limits, prometheus
+from otel_llm.export.sdk_variables import exemplar_filter, otlp_arguments, otlp_protocol
 from otel_llm.export.views import build_views
 from otel_llm.runtime.rank import RankInfo, exports, rank_info
 
@@ -112,33 +118,38 @@ class ForkSafeExporter(MetricExporter):
             self._inner.shutdown(timeout_millis=timeout_millis, **kwargs)
 
 
-def _otlp_exporter() -> MetricExporter:
+def _otlp_exporter() -> MetricExporter | None:
     """The SDK's OTLP metric exporter for the configured protocol, built with the export-path log filter on.
 
     The filter goes on first because the exporter's constructor already logs
     (a malformed ``OTEL_EXPORTER_OTLP_HEADERS`` entry, verbatim); the bundle takes
-    it off at shutdown.
+    it off at shutdown. Endpoint, timeout and compression are validated here
+    (:mod:`otel_llm.export.sdk_variables`); a constructor that raises all the same
+    (a setting otel_llm does not read) costs the OTLP reader, never the run.
     """
-    protocol = (os.environ.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL")
-                or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip().lower()
-    if protocol not in ("grpc", "http/protobuf"):
-        _logger.warning("otel_llm: unsupported OTLP protocol %r; using grpc", protocol)
-        protocol = "grpc"
+    protocol = otlp_protocol()
+    arguments = otlp_arguments(protocol)
     build: Callable[[], MetricExporter]
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
 
-        build = GrpcExporter
+        def build() -> MetricExporter:
+            return GrpcExporter(**arguments)
     else:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
 
         from otel_llm.export.otlp_http import pinned_session_if_configured
 
         def build() -> MetricExporter:
-            return HttpExporter(session=pinned_session_if_configured())
+            return HttpExporter(session=pinned_session_if_configured(), **arguments)
     log_limits.attach()
     try:
         return build()
+    except Exception as exc:  # noqa: BLE001 - a bad setting must not stop training
+        log_limits.detach()
+        _logger.warning("otel_llm: cannot build the OTLP exporter (%s: %s); OTLP export is off for this run",
+                        type(exc).__name__, exc)
+        return None
     except BaseException:
         log_limits.detach()
         raise
@@ -165,15 +176,16 @@ class ProviderBundle:
     otlp_reader: MetricReader | None = None
     otlp_exporter: ForkSafeExporter | None = None
     prometheus_endpoint: tuple[str, int] | None = None
+    schema: tuple[MetricSpec, ...] = ()
+    """The user metrics the Views were built for: a session on this provider records exactly these."""
     _closed: bool = False
 
     @property
     def prometheus_url(self) -> str | None:
-        """``http://host:port/metrics`` of the pull endpoint, when one is served."""
+        """``http://host:port/metrics`` of the pull endpoint (an IPv6 host in brackets), when one is served."""
         if self.prometheus_endpoint is None:
             return None
-        host, port = self.prometheus_endpoint
-        return f"http://{host}:{port}/metrics"
+        return f"http://{prometheus.address(*self.prometheus_endpoint)}/metrics"
 
     def flush(self, timeout: float) -> bool:
         """Push the OTLP reader now (never the Prometheus one) within ``timeout`` seconds; True if it arrived."""
@@ -206,26 +218,21 @@ class ProviderBundle:
                 if owns_log_filter:  # only once the exporter is done, however long an abandoned one takes
                     log_limits.detach()
 
-        done = run_bounded(close, timeout, "shutdown")
-        if self.prometheus_endpoint is not None:
+        started = time.monotonic()
+        if self.prometheus_endpoint is not None:  # first: it takes milliseconds, the final push may take the rest
             prometheus.release(*self.prometheus_endpoint)
-        return done
+        return run_bounded(close, max(0.01, timeout - (time.monotonic() - started)), "shutdown")
 
 
-def _prometheus_reader(config: Config, ranks: RankInfo) -> tuple[MetricReader, tuple[str, int]] | None:
+def _prometheus_reader(config: Config, ranks: RankInfo, left: str) -> tuple[MetricReader, tuple[str, int]] | None:
+    """The pull reader and its endpoint; None, with one warning saying what is ``left``, when none can be served."""
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
 
-    port = config.prometheus_port + ranks.local_rank if config.prometheus_port else 0
-    try:
-        bound = prometheus.acquire(config.prometheus_host, port)
-    except OSError as exc:
-        _logger.warning(
-            "otel_llm: cannot serve Prometheus on %s:%d (%s); exporting through OTLP only. "
-            "Set OTEL_EXPORTER_PROMETHEUS_PORT to a free base port (local rank k uses base + k).",
-            config.prometheus_host, port, exc.strerror or exc)
+    endpoint = prometheus.serve(config.prometheus_host, config.prometheus_port, ranks.local_rank, left)
+    if endpoint is None:
         return None
     reader = PrometheusMetricReader(resource_attribute_filter=lambda key: key in RANK_RESOURCE_KEYS)
-    return reader, (config.prometheus_host, bound)
+    return reader, endpoint
 
 
 def build_provider(config: Config, extra_specs: Iterable[MetricSpec] = (),
@@ -233,6 +240,7 @@ def build_provider(config: Config, extra_specs: Iterable[MetricSpec] = (),
     """A MeterProvider with catalog Views and the readers ``config.exporters`` selects.
 
     ``extra_readers`` (e.g. an InMemoryMetricReader in tests) are attached as well.
+    A reader that cannot be built is left out with one warning; the others stay.
     """
     ranks = rank_info()
     readers: list[MetricReader] = list(extra_readers)
@@ -240,15 +248,20 @@ def build_provider(config: Config, extra_specs: Iterable[MetricSpec] = (),
     otlp_reader = None
     otlp_exporter = None
     endpoint = None
+    inner = _otlp_exporter() if "otlp" in exporters else None
+    if inner is not None:
+        otlp_exporter = ForkSafeExporter(inner)
+        otlp_reader = PeriodicExportingMetricReader(otlp_exporter, export_interval_millis=config.export_interval_ms,
+                                                    export_timeout_millis=config.export_timeout_ms)
     if "prometheus" in exporters:
-        served = _prometheus_reader(config, ranks)
+        left = "exporting through OTLP only" if otlp_reader is not None else "this process exports no metrics"
+        served = _prometheus_reader(config, ranks, left)
         if served is not None:
             readers.append(served[0])
             endpoint = served[1]
-    if "otlp" in exporters:
-        otlp_exporter = ForkSafeExporter(_otlp_exporter())
-        otlp_reader = PeriodicExportingMetricReader(otlp_exporter, export_interval_millis=config.export_interval_ms)
+    if otlp_reader is not None:  # after the pull reader: shutdown takes them in order, and the push may take long
         readers.append(otlp_reader)
     provider = MeterProvider(metric_readers=readers, resource=build_resource(config, ranks),
-                             views=build_views(config, extra_specs), shutdown_on_exit=False)
-    return ProviderBundle(provider, otlp_reader, otlp_exporter, endpoint)
+                             views=build_views(config, extra_specs), shutdown_on_exit=False,
+                             exemplar_filter=exemplar_filter())
+    return ProviderBundle(provider, otlp_reader, otlp_exporter, endpoint, schema=tuple(extra_specs))

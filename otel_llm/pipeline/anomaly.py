@@ -21,7 +21,9 @@ A series flags once when its score rises above ``threshold`` and re-arms when
 it falls below half of it, so a lasting level shift is one event, not one per
 step; a score ten times the one that opened the event (a blow-up on top of a
 drift) is a new event. Pure numpy, called from the exporter thread; memory is
-bounded by ``max_series`` pairs of deques of ``baseline + window`` numbers.
+bounded by ``max_series`` pairs of deques of ``baseline + window`` numbers (a
+score's temporaries grow with the baseline times the segments, never with the
+baseline times the window).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 __all__ = ["Anomaly", "AnomalyMonitor", "SaxDetector", "gaussian_breakpoints"]
 
@@ -64,8 +67,7 @@ class SaxDetector:
         self._cuts = cuts
         self._lower = np.concatenate([[-np.inf], cuts])
         self._upper = np.concatenate([cuts, [np.inf]])
-        starts = np.arange(baseline - window + 1)[:, None]
-        self._word_index = starts + np.arange(window)[None, :]
+        self._segment = window // segments
         self._history: deque[float] = deque(maxlen=baseline + window)
         self._steps: deque[int] = deque(maxlen=baseline + window)
         self._open_score: float | None = None
@@ -89,7 +91,9 @@ class SaxDetector:
         spread = max(float(residuals[: self.baseline].std()), 1e-9 * float(np.abs(residuals).max()), 1e-300)
         z = residuals / spread
         recent = z[self.baseline:].reshape(self.segments, -1).mean(axis=1)
-        words = z[self._word_index].reshape(len(self._word_index), self.segments, -1).mean(axis=2)
+        # each baseline word's PAA, read off the segment means at every offset (views: no baseline x window copy)
+        means = sliding_window_view(z[: self.baseline], self._segment).mean(axis=1)
+        words = sliding_window_view(means, (self.segments - 1) * self._segment + 1)[:, :: self._segment]
         letters = np.searchsorted(self._cuts, words)
         lower, upper = self._lower[letters], self._upper[letters]
         gap = np.where(recent < lower, lower - recent, np.where(recent > upper, recent - upper, 0.0))

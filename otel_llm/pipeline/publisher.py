@@ -38,7 +38,7 @@ from otel_llm.catalog import (
 from otel_llm.pipeline.anomaly import AnomalyMonitor
 from otel_llm.pipeline.transfer import Publication, Snapshot
 from otel_llm.runtime import fork
-from otel_llm.runtime.log_once import LogOnce
+from otel_llm.runtime.log_once import LogOnce, once
 
 __all__ = ["KvCacheWindow", "Publisher", "Recorder", "create_recorder"]
 
@@ -52,29 +52,35 @@ Recorder = Callable[[float, Mapping[str, str]], None]
 def create_recorder(meter: Meter, spec: MetricSpec) -> Recorder:
     """A synchronous instrument for ``spec`` behind one call (observable gauges are the publisher's).
 
-    Counters and histograms refuse negative values with ValueError: the SDK would
-    drop them with a log line each.
+    A negative value for a counter or a histogram is dropped with one warning
+    per metric, as the OTel SDK's own semantics say, never raised: the call may
+    come from the training loop.
     """
     common = {"name": spec.name, "unit": spec.unit, "description": spec.description}
     if spec.instrument == "counter":
         counter = meter.create_counter(**common)
-        return lambda value, attributes: counter.add(_at_least_zero(spec, value), attributes)
+        return _non_negative(spec, counter.add)
     if spec.instrument == "up_down_counter":
         return meter.create_up_down_counter(**common).add
     if spec.instrument == "histogram":
         histogram = meter.create_histogram(**common, explicit_bucket_boundaries_advisory=spec.buckets)
-        return lambda value, attributes: histogram.record(_at_least_zero(spec, value), attributes)
+        return _non_negative(spec, histogram.record)
     if spec.instrument == "gauge":
         return meter.create_gauge(**common).set
     raise ValueError(f"{spec.name}: {spec.instrument} is not a synchronous instrument")
 
 
-def _at_least_zero(spec: MetricSpec, value: float) -> float:
-    if value < 0:
-        noun = "counter; it cannot decrease by" if spec.instrument == "counter" else \
-            "histogram; negative values are not representable:"
-        raise ValueError(f"{spec.name} is a {noun} {value}")
-    return value
+def _non_negative(spec: MetricSpec, record: Recorder) -> Recorder:
+    what = "a counter cannot decrease" if spec.instrument == "counter" else "a histogram takes values >= 0"
+
+    def checked(value: float, attributes: Mapping[str, str]) -> None:
+        if value < 0:
+            once(_logger, logging.WARNING, ("negative", spec.name),
+                 "otel_llm: %s got %g; %s, so negative values are dropped", spec.name, value, what)
+            return
+        record(value, attributes)
+
+    return checked
 
 
 class KvCacheWindow:

@@ -17,7 +17,8 @@ leaves that family absent, said once in an info line.
 
 Per call (training, grad enabled) the probe recomputes, without gradients and
 in float32, the per-token losses with the call's own options and the log-sum-exp
-of the logits; everything stays on the device. ``finish()`` reduces the whole
+of the logits, in chunks of :data:`RECOMPUTE_CHUNK_BYTES` of float32 logits;
+everything stays on the device. ``finish()`` reduces the whole
 step (all micro-batches) to the loss, skewness and z-loss plus a uniform,
 on-device subsample of at most ``token_loss_samples`` per-token losses.
 """
@@ -43,11 +44,15 @@ from otel_llm.runtime.log_once import LogOnce
 if TYPE_CHECKING:
     from otel_llm.config import Config
 
-__all__ = ["CROSS_ENTROPY", "TRAINING_STEP", "CrossEntropyListener", "LossProbe", "bind_cross_entropy"]
+__all__ = ["CROSS_ENTROPY", "RECOMPUTE_CHUNK_BYTES", "TRAINING_STEP", "CrossEntropyListener", "LossProbe",
+           "bind_cross_entropy"]
 
 _logger = logging.getLogger(__name__)
 
-_CHUNK_ROWS = 8192
+RECOMPUTE_CHUNK_BYTES = 64 * 2**20
+"""float32 logits upcast at once by the recomputation: the rows per chunk follow from the vocabulary, so the
+extra memory of a sampled step stays at a few chunks whatever the vocabulary (8,192 rows of a 50,257-entry
+vocabulary were 1.6 GB)."""
 
 CrossEntropyListener = Callable[[tuple[Any, ...], dict[str, Any], torch.Tensor], None]
 """Receives the raw (args, kwargs, result) of a cross_entropy call made with autograd on."""
@@ -188,9 +193,10 @@ class LossProbe(Probe):
         logits, labels = _flatten(input.detach(), target.detach())
         losses, lse = [], []
         plain = options["weight"] is None and not options["label_smoothing"] and not labels.is_floating_point()
-        for start in range(0, logits.shape[0], _CHUNK_ROWS):
-            chunk = logits[start:start + _CHUNK_ROWS].float()
-            chunk_labels = labels[start:start + _CHUNK_ROWS]
+        rows = max(1, RECOMPUTE_CHUNK_BYTES // (4 * max(1, logits.shape[1])))
+        for start in range(0, logits.shape[0], rows):
+            chunk = logits[start:start + rows].float()
+            chunk_labels = labels[start:start + rows]
             chunk_lse = torch.logsumexp(chunk, dim=-1)
             lse.append(chunk_lse)
             if plain:  # -log softmax at the target = lse - logit[target], without a second pass

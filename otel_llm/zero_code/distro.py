@@ -16,12 +16,14 @@ from opentelemetry import metrics
 from opentelemetry.instrumentation.distro import BaseDistro  # type: ignore[attr-defined]  # not in its __all__
 from opentelemetry.sdk._configuration import _BaseConfigurator
 
+from otel_llm.catalog import MetricSpec
 from otel_llm.config import Config
 from otel_llm.export.provider import ProviderBundle, build_provider
+from otel_llm.runtime.log_once import once
 from otel_llm.runtime.rank import is_launcher
-from otel_llm.schema import load_schema
+from otel_llm.schema import SchemaError, load_schema
 
-__all__ = ["OtelLlmConfigurator", "OtelLlmDistro", "take_configured_bundle"]
+__all__ = ["OtelLlmConfigurator", "OtelLlmDistro", "take_configured_bundle", "zero_code_schema"]
 
 _logger = logging.getLogger(__name__)
 _configured: ProviderBundle | None = None
@@ -35,8 +37,7 @@ class OtelLlmConfigurator(_BaseConfigurator):
         if is_launcher():  # `opentelemetry-instrument torchrun ...`: only the workers train and export
             return
         config = Config()
-        schema = load_schema(config.schema_path) if config.schema_path else ()
-        _configured = build_provider(config, schema)
+        _configured = build_provider(config, zero_code_schema(config))
         metrics.set_meter_provider(_configured.provider)
 
 
@@ -45,6 +46,23 @@ class OtelLlmDistro(BaseDistro):
 
     def _configure(self, **kwargs: object) -> None:
         os.environ.setdefault("OTEL_PYTHON_CONFIGURATOR", "otel_llm")
+
+
+def zero_code_schema(config: Config) -> tuple[MetricSpec, ...]:
+    """The schema file's metrics; a broken file is one error line, and the run exports everything else.
+
+    Under ``opentelemetry-instrument`` nothing could catch a SchemaError: the
+    launcher swallows the configurator's and the script would die of the
+    instrumentor's. Both call this; the line is given once.
+    """
+    if not config.schema_path:
+        return ()
+    try:
+        return load_schema(config.schema_path)
+    except SchemaError as exc:
+        once(_logger, logging.ERROR, ("schema", str(exc)),
+             "%s; exporting the built-in metrics without the file's (fix OTEL_LLM_SCHEMA)", exc)
+        return ()
 
 
 def take_configured_bundle() -> ProviderBundle | None:

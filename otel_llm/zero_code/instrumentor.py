@@ -42,8 +42,9 @@ class TorchInstrumentor(BaseInstrumentor):
         bundle = distro.take_configured_bundle() if meter_provider is None else None
         if meter_provider is None and bundle is None:
             distro.note_foreign_provider()
+        schema = None if bundle is not None else distro.zero_code_schema(config)  # a bundle carries its own
         self._session = Instrumentation(kwargs.get("model"), kwargs.get("optimizer"), config=config,
-                                        meter_provider=meter_provider, bundle=bundle)
+                                        meter_provider=meter_provider, bundle=bundle, schema=schema)
         if self._session.prometheus_url:
             _logger.info("otel_llm: serving metrics on %s", self._session.prometheus_url)
 

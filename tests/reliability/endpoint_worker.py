@@ -8,6 +8,9 @@ while it trains. Per rank it writes ``<out>/rank<k>.json`` once it serves
 (scrape URL, pid) and again at exit (steps), and ``<out>/rank<k>.log`` with
 every otel_llm warning. Extra command-line arguments (``--token``) are
 accepted and ignored: they stand for secrets a real job passes this way.
+``--checkpoint DIR`` saves the model with ``torch.save`` after every step and
+counts the saves that failed; ``--nofile N`` lowers the process's open-file
+limit first, as a job under ``ulimit -n`` has it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -52,7 +56,11 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--steps", type=int, default=0, help="steps before holding; 0 trains until stopped")
     parser.add_argument("--token", default="", help="ignored: a secret as jobs pass them on the command line")
+    parser.add_argument("--checkpoint", type=Path, help="torch.save the model here after every step")
+    parser.add_argument("--nofile", type=int, default=0, help="open-file limit of this process (0: unchanged)")
     args = parser.parse_args()
+    if args.nofile:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (args.nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and args.steps == 0:
         parser.error("under torchrun pass --steps: DDP ranks must take the same number of steps")
@@ -72,18 +80,25 @@ def main() -> None:
     stop = args.out / "stop"
     generator = torch.Generator().manual_seed(rank)
     deadline = time.monotonic() + HOLD_LIMIT_S
+    saves, failed_saves = 0, []
     while (args.steps == 0 or session.step < args.steps) and not stop.exists() and time.monotonic() < deadline:
         idx = torch.randint(0, VOCAB, (2, 16), generator=generator)
         _, loss = model(idx, idx)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        if args.checkpoint is not None:
+            try:
+                torch.save(model.state_dict(), args.checkpoint / f"step{session.step % 2}.pt")
+                saves += 1
+            except (OSError, RuntimeError) as exc:  # torch wraps EMFILE in RuntimeError
+                failed_saves.append(str(exc))
     session.flush()
     while not stop.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     session.shutdown()
     write_status(args.out, rank, {"prometheus_url": session.prometheus_url, "pid": os.getpid(),
-                                  "steps": session.step})
+                                  "steps": session.step, "saves": saves, "failed_saves": failed_saves[:20]})
     if distributed:
         dist.barrier()
         dist.destroy_process_group()

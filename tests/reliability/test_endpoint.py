@@ -9,9 +9,7 @@ would notice: scrape latency, errors, duplicate series, warnings in the job's lo
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
 import re
 import socket
@@ -19,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -37,14 +34,24 @@ import otel_llm
 from otel_llm.export.views import OVERFLOW_ATTRIBUTE
 from tests.models import GPT
 from tests.support.backends import free_port, promtool_check_metrics, require_binary
+from tests.support.jobs import (
+    BIN,
+    WORKER,
+    finish,
+    job_env,
+    launch,
+    output_tail,
+    wait_for_status,
+    wait_for_steps,
+    warnings_logged,
+)
 from tests.support.load import burst, sustained
+from tests.support.ports import held_by_another_process
 from tests.support.receivers import GrpcMetricsReceiver, attributes_dict, metric_points
 from tests.support.scrape import fetch, sample, series
 
 pytestmark = pytest.mark.timeout(180)
 
-BIN = Path(sys.executable).parent
-WORKER = Path(__file__).with_name("endpoint_worker.py")
 VOCAB = 64
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 PROBE_METRIC = "llm.custom.probe"
@@ -313,72 +320,9 @@ def test_2500_label_values_log_one_overflow_warning_export_the_overflow_series_a
 # -- a training process of its own ------------------------------------------------------------------------
 
 
-def job_env(**extra: str) -> dict[str, str]:
-    """This environment without OTEL_* / torchrun variables, with one torch thread, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("OTEL_") and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "PYTHONPATH")}
-    env.update(OMP_NUM_THREADS="1", **extra)
-    return env
-
-
 def otlp_env(receiver: GrpcMetricsReceiver, interval_ms: int) -> dict[str, str]:
     return {"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": receiver.url, "OTEL_EXPORTER_OTLP_METRICS_INSECURE": "true",
             "OTEL_METRIC_EXPORT_INTERVAL": str(interval_ms)}
-
-
-def launch(argv: list[str], env: dict[str, str], out: Path) -> subprocess.Popen:
-    """Start a job with its output in ``out/output.log`` (a file: a full pipe would stall the job)."""
-    with open(out / "output.log", "wb") as log:
-        return subprocess.Popen(argv, env=env, cwd=out, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT)
-
-
-def output_tail(out: Path) -> str:
-    return (out / "output.log").read_text(errors="replace")[-4000:]
-
-
-def wait_for_status(out: Path, rank: int, process: subprocess.Popen, timeout: float = 90) -> dict:
-    path = out / f"rank{rank}.json"
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, f"the job exited with {process.returncode}:\n{output_tail(out)}"
-        assert time.monotonic() < deadline, f"rank {rank} never started:\n{output_tail(out)}"
-        time.sleep(0.05)
-    return json.loads(path.read_text())
-
-
-def finish(process: subprocess.Popen, out: Path, timeout: float = 60) -> None:
-    (out / "stop").touch()
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(10)
-        raise AssertionError(f"the job did not stop:\n{output_tail(out)}") from None
-    assert process.returncode == 0, output_tail(out)
-
-
-def steps_sample(url: str) -> tuple[dict[str, str], float] | None:
-    """Labels and value of the step counter in one scrape; None before the first step."""
-    with urllib.request.urlopen(url, timeout=5) as response:
-        body = response.read().decode()
-    found = [(labels, value) for name, labels, value in series(body) if name == "llm_train_steps_total"]
-    assert len(found) <= 1, found
-    return found[0] if found else None
-
-
-def wait_for_steps(url: str, steps: int, timeout: float = 90) -> tuple[dict[str, str], float]:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = steps_sample(url)
-        if found is not None and found[1] >= steps:
-            return found
-        assert time.monotonic() < deadline, f"{url}: {found} after {timeout} s, waiting for {steps} steps"
-        time.sleep(0.2)
-
-
-def warnings_logged(out: Path, rank: int) -> list[str]:
-    return [line for line in (out / f"rank{rank}.log").read_text().splitlines() if line.startswith("WARNING")]
 
 
 def steps_pushed_by_rank(receiver: GrpcMetricsReceiver) -> dict[int, float]:
@@ -493,25 +437,8 @@ def test_a_secret_on_the_command_line_reaches_neither_the_scrape_nor_the_otlp_re
 @pytest.fixture
 def held_base_port() -> Iterator[int]:
     """A port held by another process (listening on 127.0.0.1), with the port after it free."""
-    code = ("import socket, sys\n"
-            "while True:\n"
-            "    s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
-            "    port = s.getsockname()[1]\n"
-            "    probe = socket.socket()\n"
-            "    try:\n"
-            "        probe.bind(('127.0.0.1', port + 1)); break\n"
-            "    except OSError:\n"
-            "        s.close()\n"
-            "    finally:\n"
-            "        probe.close()\n"
-            "print(port, flush=True)\n"
-            "sys.stdin.read()\n")
-    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        yield int(holder.stdout.readline())
-    finally:
-        holder.stdin.close()
-        holder.wait(10)
+    with held_by_another_process(next_free=True) as port:
+        yield port
 
 
 @pytest.mark.slow
