@@ -169,3 +169,15 @@ def test_trainer_with_a_deepspeed_config_and_the_callback_exports_what_the_train
     # 5 steps x 2 ranks x 2 micro-batches x 2 rows: every row of the dataset once
     tokens = sum(rank["scrapes"][-1]["llm_train_tokens_total"] for rank in ranks)
     assert tokens == sum(int(row["attention_mask"].sum()) for row in padded_rows(40, 64))
+
+
+def test_the_deepspeed_example_runs_zero_3_with_two_param_groups_one_step_per_update(tmp_path):
+    base = free_base_port(2)
+    environment = env()
+    environment.update(OTEL_METRICS_EXPORTER="prometheus", OTEL_EXPORTER_PROMETHEUS_PORT=str(base))
+    output = finish(torchrun(2, str(ROOT / "examples" / "deepspeed_train.py"), "--stage", "3", "--steps", "12",
+                             env=environment, cwd=tmp_path), timeout=300)
+    for rank in (0, 1):
+        assert f"rank {rank}: ZeRO-3 with DeepSpeedZeroOptimizer_Stage3; scrape http://127.0.0.1:{base + rank}" \
+            in output, output[-3000:]
+        assert f"rank {rank}: done, 12 steps" in output  # two param groups: still one step per update

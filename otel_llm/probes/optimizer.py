@@ -221,6 +221,7 @@ class OptimizerProbe(Probe):
         self._wrapper_norm: tuple[torch.Tensor | float, float] | None = None
         self._families: dict[str, set[int]] = {}
         self._clips: list[ClipCall] = []
+        self._counts = StepValues()
         self._device = torch.device("cpu")
         """Where the followed parameters live: the norm of a step with nothing else to sum goes there."""
         self.reset()
@@ -266,25 +267,32 @@ class OptimizerProbe(Probe):
             return norms[0].to(device)
         return torch.stack([n.to(device, torch.float32) for n in norms]).square().sum().sqrt()
 
-    def tally(self) -> StepValues:
-        """Whether the step's clip calls (or DeepSpeed's clipping) scaled the gradients, counted on the device."""
+    def begin_step(self, sampled: bool) -> None:
+        """The previous step has ended: its norm (for the next decay rate) and whether it clipped are settled.
+
+        Settled here, not in :meth:`tally`, which a flush from another thread may call mid-step.
+        """
+        super().begin_step(sampled)
         self._conclude()
-        values = StepValues()
         clips, self._clips = self._clips, []
         wrapper_norm, self._wrapper_norm = self._wrapper_norm, None
         if not self.enabled(GRAD_CLIPPED_STEPS):
-            return values
+            return
         if wrapper_norm is not None:
             norm, bound = wrapper_norm
             if bound > 0:
                 scaled = norm + 1e-6 > bound  # DeepSpeed's rule, as torch's
-                values.count(GRAD_CLIPPED_STEPS, scaled.to(torch.int64) if isinstance(scaled, torch.Tensor)
-                             else int(scaled))
+                self._counts.count(GRAD_CLIPPED_STEPS, scaled.to(torch.int64) if isinstance(scaled, torch.Tensor)
+                                   else int(scaled))
         elif clips:
             device = clips[0].total_norm.device
             scaled = torch.stack([_full(clip.scaled).to(device) for clip in clips]).any()
-            values.count(GRAD_CLIPPED_STEPS, scaled.to(torch.int64))
-        return values
+            self._counts.count(GRAD_CLIPPED_STEPS, scaled.to(torch.int64))
+
+    def tally(self) -> StepValues:
+        """Whether the ended steps' clip calls (or DeepSpeed's clipping) scaled the gradients, counted on the device."""
+        counts, self._counts = self._counts, StepValues()
+        return counts
 
     def attach(self, model: torch.nn.Module) -> None:
         """Parameter subsets (LoRA factors) whose gradient sparsity is also reported, as groups."""
