@@ -34,7 +34,10 @@ from statistics import NormalDist
 
 import numpy as np
 
-__all__ = ["Anomaly", "AnomalyMonitor", "SaxDetector", "gaussian_breakpoints"]
+from otel_llm.catalog import ANOMALY_EVENTS, MEMORY_PRESSURE, TELEMETRY_SAMPLING_INTERVAL, TRAIN_LEARNING_RATE
+from otel_llm.config import Config
+
+__all__ = ["Anomaly", "AnomalyMonitor", "SaxDetector", "gaussian_breakpoints", "make_monitor"]
 
 _REARM_FRACTION = 0.5
 _ESCALATION = 10.0
@@ -157,3 +160,13 @@ class AnomalyMonitor:
                 if hit and score is not None:
                     flagged.append(Anomaly(signal, dict(attributes), step, score))
         return flagged
+
+
+def make_monitor(config: Config) -> AnomalyMonitor | None:
+    """The detector ``config`` asks for; schedule- and memory-driven gauges are not judged."""
+    if not config.anomaly_detection or config.is_disabled(ANOMALY_EVENTS):
+        return None
+    return AnomalyMonitor(baseline=config.anomaly_baseline, window=config.anomaly_window,
+                          segments=config.anomaly_segments, alphabet=config.anomaly_alphabet,
+                          threshold=config.anomaly_threshold,
+                          ignored=(TRAIN_LEARNING_RATE, MEMORY_PRESSURE, TELEMETRY_SAMPLING_INTERVAL))
