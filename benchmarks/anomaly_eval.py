@@ -3,8 +3,9 @@
 Records (once, into ``--cache``) the gauge series otel_llm exports at its default
 sampling for four healthy CPU runs — the README demo, a nanoGPT-style char-level
 model on the Lightning changelog, a tiny Llama fine-tune (warmup + cosine,
-clipping) and a PEFT LoRA run of it — and each of them again with five faults
-(see :mod:`anomaly_runs`). Then replays every recording through the detector a
+clipping) and a PEFT LoRA run of it — each of them again with five faults
+(see :mod:`anomaly_runs`), and five more healthy runs held out from tuning (the
+four with another seed, the demo for 1500 steps). Then replays every recording through the detector a
 :class:`otel_llm.Config` builds (``--set anomaly_threshold=8`` tries a variant;
 replaying takes seconds) and prints: events on the healthy runs; per fault
 whether a sensible signal flagged it within ``--within`` sampled steps of its
@@ -30,7 +31,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from anomaly_runs import FAULTS, ROOT, Recording, load_or_record, workloads  # noqa: E402
+from anomaly_runs import FAULTS, ROOT, Recording, held_out, load_or_record, workloads  # noqa: E402
 
 from otel_llm import Config  # noqa: E402
 from otel_llm.pipeline.anomaly import make_monitor  # noqa: E402
@@ -125,15 +126,17 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = {(w.name, fault): load_or_record(w, fault, args.cache, log)
             for w in workloads(args.cache) for fault in (None, *FAULTS)}
+    runs.update({(w.name, None): load_or_record(w, None, args.cache, log) for w in held_out(args.cache)})
     started = time.perf_counter()
     replays = {key: replay(recording, config) for key, recording in runs.items()}
     replay_seconds = time.perf_counter() - started
-    names = list(dict.fromkeys(name for name, _ in runs))
+    names = [w.name for w in workloads(args.cache)]
+    healthy = [name for name, fault in runs if fault is None]
 
     print(f"detector: {', '.join(f'{k}={v}' for k, v in overrides.items()) or 'default configuration'}")
     print("\nhealthy runs                 sampled  events  signals")
     false_alarms = 0
-    for name in names:
+    for name in healthy:
         events = replays[name, None]
         false_alarms += len(events)
         print(f"  {name:26} {len(runs[name, None].steps):7}  {len(events):6}  {_describe([e.label() for e in events])}")

@@ -13,6 +13,7 @@ step ``onset``, the first sampled step at or after the workload's nominal onset.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -30,7 +31,7 @@ import otel_llm
 from otel_llm.catalog import ATTR_SIGNAL, TELEMETRY_NONFINITE
 from otel_llm.session import Instrumentation
 
-__all__ = ["FAULTS", "Recording", "Workload", "load_or_record", "workloads"]
+__all__ = ["FAULTS", "Recording", "Workload", "held_out", "load_or_record", "workloads"]
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDING_VERSION = 1
@@ -154,6 +155,7 @@ class Workload:
     clip: float = 1.0
     global_batches: bool = False
     """Draw batch starts from the global RNG (the demo does); otherwise from a generator seeded per step."""
+    seed: int = 0
 
     def loss(self, model: nn.Module, tokens: torch.Tensor, shift: int) -> torch.Tensor:
         inputs = tokens[:, :self.length]
@@ -202,24 +204,29 @@ def _nanogpt() -> Workload:
 
 
 def _pretrained_llama(cache: Path) -> nn.Module:
-    """The tiny Llama after 300 steps on the Lightning changelog (bytes), cached: the fine-tunes start here."""
+    """The tiny Llama after 300 steps on the Lightning changelog (bytes), cached: the fine-tunes start here.
+
+    Made under its own seed, so every run starts from the same weights whichever made the cache.
+    """
     model = _tiny_llama()
     path = cache / f"llama-base-v{RECORDING_VERSION}.pt"
-    if path.exists():
-        model.load_state_dict(torch.load(path))
-        return model
-    data = _bytes(_changelog())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(300):
-        starts = torch.randint(0, len(data) - 65, (8,), generator=generator)
-        batch = torch.stack([data[s:s + 65] for s in starts])
-        model(input_ids=batch, labels=batch).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    cache.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path)
+    if not path.exists():
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            base = _tiny_llama()
+            data = _bytes(_changelog())
+            optimizer = torch.optim.AdamW(base.parameters(), lr=3e-3)
+            generator = torch.Generator().manual_seed(1)
+            for _ in range(300):
+                starts = torch.randint(0, len(data) - 65, (8,), generator=generator)
+                batch = torch.stack([data[s:s + 65] for s in starts])
+                base(input_ids=batch, labels=batch).loss.backward()
+                torch.nn.utils.clip_grad_norm_(base.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        cache.mkdir(parents=True, exist_ok=True)
+        torch.save(base.state_dict(), path)
+    model.load_state_dict(torch.load(path))
     return model
 
 
@@ -252,8 +259,15 @@ def _lora(cache: Path) -> Workload:
 
 
 def workloads(cache: Path) -> list[Workload]:
-    """The four healthy workloads, in table order."""
+    """The four workloads that are also replayed with every fault, in table order."""
     return [_demo(), _nanogpt(), _llama_finetune(cache), _lora(cache)]
+
+
+def held_out(cache: Path) -> list[Workload]:
+    """Healthy runs only: the four with another seed (initialisation and batches), and the demo for 1500 steps,
+    long enough for the adaptive interval to double (10 to 20 at step ~1100)."""
+    reseeded = [dataclasses.replace(w, name=f"{w.name}-seed1", seed=1) for w in workloads(cache)]
+    return [*reseeded, dataclasses.replace(_demo(), name="demo-1500", steps=1500, nominal_onset=1500)]
 
 
 # -- running and recording -------------------------------------------------------------------------------------------
@@ -305,7 +319,7 @@ def _onset(workload: Workload, steps: list[int]) -> int:
 
 def record(workload: Workload, fault: str | None, onset: int | None) -> Recording:
     """Train ``workload`` with ``fault`` from step ``onset`` and record the exported gauges of each sampled step."""
-    torch.manual_seed(0)
+    torch.manual_seed(workload.seed)
     data = workload.tokens()
     model, optimizer, factor = workload.build()
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -317,7 +331,8 @@ def record(workload: Workload, fault: str | None, onset: int | None) -> Recordin
     span = workload.length + 2
     try:
         for step in range(workload.steps):
-            generator = None if workload.global_batches else torch.Generator().manual_seed(step)
+            seed = step + 1_000_003 * workload.seed
+            generator = None if workload.global_batches else torch.Generator().manual_seed(seed)
             starts = torch.randint(0, len(data) - span, (workload.batch_size,), generator=generator)
             tokens = torch.stack([data[s:s + span] for s in starts])
             at_onset = fault is not None and step == onset

@@ -34,6 +34,7 @@ from otel_llm.catalog import (
     prometheus_name,
 )
 from otel_llm.config import Config
+from otel_llm.export.events import AnomalyLog
 from otel_llm.export.provider import ProviderBundle, build_provider
 from otel_llm.pipeline.anomaly import make_monitor
 from otel_llm.pipeline.clock import StepClock
@@ -114,7 +115,9 @@ class Instrumentation:
             self._bundle, self._owns_provider = build_provider(self.config, schema, extra_readers), True
         meter = self._bundle.provider.get_meter("otel_llm", __version__)
         self._meter = meter
-        self._publisher = Publisher(meter, make_monitor(self.config))
+        logs = self._bundle.logger_provider
+        self._publisher = Publisher(meter, make_monitor(self.config),
+                                    on_anomaly=AnomalyLog(logs).emit if logs is not None else None)
         self._custom: dict[str, tuple[MetricSpec, Recorder]] = {}
         for spec in schema:
             self._custom[spec.name] = (spec, create_recorder(meter, spec))
