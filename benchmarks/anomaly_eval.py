@@ -3,9 +3,8 @@
 Records (once, into ``--cache``) the gauge series otel_llm exports at its default
 sampling for four healthy CPU runs — the README demo, a nanoGPT-style char-level
 model on the Lightning changelog, a tiny Llama fine-tune (warmup + cosine,
-clipping) and a PEFT LoRA run of it — each of them again with five faults
-(see :mod:`anomaly_runs`), and five more healthy runs held out from tuning (the
-four with another seed, the demo for 1500 steps). Then replays every recording through the detector a
+clipping) and a PEFT LoRA run of it — each with four seeds, each run again with
+five faults (see :mod:`anomaly_runs`), and the demo for 1500 steps. Then replays every recording through the detector a
 :class:`otel_llm.Config` builds (``--set anomaly_threshold=8`` tries a variant;
 replaying takes seconds) and prints: events on the healthy runs; per fault
 whether a sensible signal flagged it within ``--within`` sampled steps of its
@@ -31,7 +30,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from anomaly_runs import FAULTS, ROOT, Recording, held_out, load_or_record, workloads  # noqa: E402
+from anomaly_runs import FAULTS, ROOT, Recording, load_or_record, long_runs, workloads  # noqa: E402
 
 from otel_llm import Config  # noqa: E402
 from otel_llm.pipeline.anomaly import make_monitor  # noqa: E402
@@ -113,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a Config field for the detector variant, e.g. anomaly_threshold=8")
     parser.add_argument("--within", type=int, default=3, help="sampled steps after the onset a flag may take")
+    parser.add_argument("--seeds", type=lambda text: [int(s) for s in text.split(",")], default=[0, 1, 2, 3],
+                        help="seeds of the four workloads (comma list; 0 is the runs as described)")
     parser.add_argument("--events", action="store_true", help="list every event of every run")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -124,13 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    runs = {(w.name, fault): load_or_record(w, fault, args.cache, log)
-            for w in workloads(args.cache) for fault in (None, *FAULTS)}
-    runs.update({(w.name, None): load_or_record(w, None, args.cache, log) for w in held_out(args.cache)})
+    chosen = [w for seed in args.seeds for w in workloads(args.cache, seed)]
+    runs = {(w.name, fault): load_or_record(w, fault, args.cache, log) for w in chosen for fault in (None, *FAULTS)}
+    runs.update({(w.name, None): load_or_record(w, None, args.cache, log) for w in long_runs()})
     started = time.perf_counter()
     replays = {key: replay(recording, config) for key, recording in runs.items()}
     replay_seconds = time.perf_counter() - started
-    names = [w.name for w in workloads(args.cache)]
+    names = [w.name for w in chosen]
     healthy = [name for name, fault in runs if fault is None]
 
     print(f"detector: {', '.join(f'{k}={v}' for k, v in overrides.items()) or 'default configuration'}")

@@ -31,7 +31,7 @@ import otel_llm
 from otel_llm.catalog import ATTR_SIGNAL, TELEMETRY_NONFINITE
 from otel_llm.session import Instrumentation
 
-__all__ = ["FAULTS", "Recording", "Workload", "held_out", "load_or_record", "workloads"]
+__all__ = ["FAULTS", "Recording", "Workload", "long_runs", "load_or_record", "workloads"]
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDING_VERSION = 1
@@ -258,16 +258,15 @@ def _lora(cache: Path) -> Workload:
                     embedding=lambda m: m.base_model.model.model.embed_tokens)
 
 
-def workloads(cache: Path) -> list[Workload]:
-    """The four workloads that are also replayed with every fault, in table order."""
-    return [_demo(), _nanogpt(), _llama_finetune(cache), _lora(cache)]
+def workloads(cache: Path, seed: int = 0) -> list[Workload]:
+    """The four workloads, in table order; another seed changes their initialisation and batches."""
+    chosen = [_demo(), _nanogpt(), _llama_finetune(cache), _lora(cache)]
+    return chosen if seed == 0 else [dataclasses.replace(w, name=f"{w.name}-seed{seed}", seed=seed) for w in chosen]
 
 
-def held_out(cache: Path) -> list[Workload]:
-    """Healthy runs only: the four with another seed (initialisation and batches), and the demo for 1500 steps,
-    long enough for the adaptive interval to double (10 to 20 at step ~1100)."""
-    reseeded = [dataclasses.replace(w, name=f"{w.name}-seed1", seed=1) for w in workloads(cache)]
-    return [*reseeded, dataclasses.replace(_demo(), name="demo-1500", steps=1500, nominal_onset=1500)]
+def long_runs() -> list[Workload]:
+    """Healthy only: the demo for 1500 steps, long enough for the adaptive interval to double (10 to 20 at ~1100)."""
+    return [dataclasses.replace(_demo(), name="demo-1500", steps=1500, nominal_onset=1500)]
 
 
 # -- running and recording -------------------------------------------------------------------------------------------

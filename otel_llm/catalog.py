@@ -63,8 +63,8 @@ class AnomalyProfile:
     """Smallest forecast-error spread for the jump score, in the judged units."""
 
 
-_SCALE: Final = AnomalyProfile(log=True, spread_floor=0.5, jump_floor=0.02)
-"""Positive scales (loss, norms, ratios of norms, logits): a factor e^0.5 ~ 1.65 per window, 2% per sample."""
+_SCALE: Final = AnomalyProfile(log=True, spread_floor=0.5, jump_floor=0.03)
+"""Positive scales (loss, norms, ratios of norms, logits): a factor e^0.5 ~ 1.65 per window, 3% per sample."""
 _FRACTION: Final = AnomalyProfile(log=False, spread_floor=0.05, jump_floor=0.03)
 """Fractions in [0, 1]: 5 percentage points per window, 3 per sample."""
 _SIGNED: Final = AnomalyProfile(log=False, spread_floor=0.5, jump_floor=0.02)

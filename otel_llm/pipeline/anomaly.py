@@ -55,8 +55,15 @@ _ESCALATION = 10.0
 _MAD_TO_SIGMA = 1.4826
 
 
-def _mad(values: np.ndarray) -> float:
-    return _MAD_TO_SIGMA * float(np.median(np.abs(values - np.median(values))))
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)  # a few dozen numbers: plain Python beats numpy's call overhead here
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else 0.5 * (ordered[middle - 1] + ordered[middle])
+
+
+def _mad(values: list[float]) -> float:
+    centre = _median(values)
+    return _MAD_TO_SIGMA * _median([abs(v - centre) for v in values])
 
 
 class SaxDetector:
@@ -122,11 +129,10 @@ class SaxDetector:
         slope = float((offsets * (recent - recent.mean())).sum() / max(float((offsets * offsets).sum()), 1e-300))
         error = value - (recent.mean() + slope * (step - at.mean()))
         interval = max(step - int(at[-1]), 1)
-        matched = np.array([e for gap, e in self._errors if gap >= interval])
+        matched = [e for gap, e in self._errors if gap >= interval]
         score = None
-        if matched.size >= self.window:
-            every = np.array([e for _, e in self._errors])
-            spread = max(_mad(every), _mad(matched[-self.window:]), self.profile.jump_floor,
+        if len(matched) >= self.window:
+            spread = max(_mad([e for _, e in self._errors]), _mad(matched[-self.window:]), self.profile.jump_floor,
                          1e-9 * abs(value), 1e-300)
             score = abs(error) / spread
         self._errors.append((interval, error))

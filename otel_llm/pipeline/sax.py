@@ -54,22 +54,26 @@ class SaxShape:
         """The smallest distance over the three explanations of the baseline (mean, line, line in log step)."""
         base = values[: self.baseline]
         mean = base.mean()
-        distances = [self.distance(values - mean, floor)]
+        explained = [values - mean]
         for axis in (steps, np.log1p(np.maximum(steps, 0.0))):
             offsets = axis - axis[: self.baseline].mean()
             head = offsets[: self.baseline]
             slope = float((head * (base - mean)).sum() / max(float((head * head).sum()), 1e-300))
-            distances.append(self.distance(values - mean - slope * offsets, floor))
-        return min(distances)
+            explained.append(values - mean - slope * offsets)
+        return float(self.distances(np.stack(explained), floor).min())
 
-    def distance(self, residuals: np.ndarray, floor: float) -> float:
-        """Mean MINDIST(recent PAA, baseline word) of residuals z-normalised by max(baseline spread, floor)."""
-        spread = max(float(residuals[: self.baseline].std()), floor, 1e-9 * float(np.abs(residuals).max()), 1e-300)
-        z = residuals / spread
-        recent = z[self.baseline:].reshape(self.segments, -1).mean(axis=1)
-        words = z[self._word_index].reshape(len(self._word_index), self.segments, -1).mean(axis=2)
+    def distances(self, residuals: np.ndarray, floor: float) -> np.ndarray:
+        """Per row: mean MINDIST(recent PAA, baseline word) of residuals z-normalised by max(baseline spread, floor)."""
+        spread = np.maximum.reduce([residuals[:, : self.baseline].std(axis=1), np.full(len(residuals), floor),
+                                    1e-9 * np.abs(residuals).max(axis=1), np.full(len(residuals), 1e-300)])
+        z = residuals / spread[:, None]
+        recent, words = z[:, self.baseline:], z[:, self._word_index]
+        if self.segments < self.window:  # PAA; with one value per segment the means are the values
+            recent = recent.reshape(len(z), self.segments, -1).mean(axis=2)
+            words = words.reshape(len(z), len(self._word_index), self.segments, -1).mean(axis=3)
         letters = np.searchsorted(self._cuts, words)
         lower, upper = self._lower[letters], self._upper[letters]
+        recent = recent[:, None, :]
         gap = np.where(recent < lower, lower - recent, np.where(recent > upper, recent - upper, 0.0))
         gap = np.minimum(gap, _LARGEST_GAP)
-        return float((math.sqrt(self.window / self.segments) * np.sqrt((gap * gap).sum(axis=1))).mean())
+        return math.sqrt(self.window / self.segments) * np.sqrt((gap * gap).sum(axis=2)).mean(axis=1)
