@@ -12,6 +12,7 @@ from opentelemetry.sdk.resources import Resource
 import otel_llm
 from otel_llm.catalog import ANOMALY_EVENTS, TELEMETRY_NONFINITE
 from otel_llm.export.events import EVENT_NAME, AnomalyLog, build_logger_provider
+from otel_llm.export.log_limits import ExportLogFilter, header_secrets
 from otel_llm.export.provider import build_provider
 from otel_llm.pipeline.anomaly import Anomaly
 from tests.conftest import Harness
@@ -116,3 +117,21 @@ def test_logs_exporters_are_the_installed_entry_points(monkeypatch, caplog):
     assert "OTEL_LOGS_EXPORTER" in caplog.text and "zipkin" in caplog.text
     with pytest.raises(ValueError, match="names no installed logs exporter"):
         otel_llm.Config(logs_exporters="zipkin")
+
+
+def _filtered_loggers() -> set[str]:
+    return {name for name, logger in logging.Logger.manager.loggerDict.items()
+            if isinstance(logger, logging.Logger) and any(isinstance(f, ExportLogFilter) for f in logger.filters)}
+
+
+def test_the_log_exporters_share_the_export_log_filter_until_shutdown(monkeypatch):
+    logs_env(monkeypatch, "grpc", 9)  # nothing listens: the records would only ever fail
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_LOGS_HEADERS", "authorization=Bearer%20s3cret-token")
+    assert "Bearer s3cret-token" in header_secrets()  # the logs exporter's headers are redacted too
+    bundle = build_provider(otel_llm.Config(exporters="none"))
+    try:
+        assert bundle.logger_provider is not None
+        assert "opentelemetry.exporter.otlp.proto.grpc.exporter" in _filtered_loggers()
+    finally:
+        assert bundle.shutdown(2.0)
+    assert _filtered_loggers() == set()

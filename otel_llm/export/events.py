@@ -74,20 +74,15 @@ class ForkSafeLogExporter(LogRecordExporter):
 def build_logger_provider(names: Sequence[str], resource: Resource) -> LoggerProvider | None:
     """A LoggerProvider exporting to each named exporter, or None when no exporter is named.
 
-    Takes one :func:`log_limits.attach`; the caller detaches once the provider is shut down.
+    Attach :mod:`log_limits` first when the caller wants the exporters' construction filtered too.
     """
     if not names:
         return None
     classes = {entry.name: entry for entry in entry_points(group=EXPORTER_GROUP)}
-    log_limits.attach()  # before the exporters exist: their constructors may already log a header
     provider = LoggerProvider(resource=resource, shutdown_on_exit=False)
-    try:
-        for name in dict.fromkeys(_resolve(name) for name in names):
-            exporter = classes[name].load()()
-            provider.add_log_record_processor(BatchLogRecordProcessor(ForkSafeLogExporter(exporter)))
-    except BaseException:
-        log_limits.detach()
-        raise
+    for name in dict.fromkeys(_resolve(name) for name in names):
+        exporter = classes[name].load()()
+        provider.add_log_record_processor(BatchLogRecordProcessor(ForkSafeLogExporter(exporter)))
     return provider
 
 

@@ -276,5 +276,12 @@ def build_provider(config: Config, extra_specs: Iterable[MetricSpec] = (),
     resource = build_resource(config, ranks)
     provider = MeterProvider(metric_readers=readers, resource=resource,
                              views=build_views(config, extra_specs), shutdown_on_exit=False)
-    logs = build_logger_provider(config.logs_exporters if exports(ranks, config.export_ranks) else (), resource)
+    logs = None
+    if config.logs_exporters and exports(ranks, config.export_ranks):
+        log_limits.attach()  # before the exporters exist: their constructors may already log a header
+        try:
+            logs = build_logger_provider(config.logs_exporters, resource)
+        except BaseException:
+            log_limits.detach()
+            raise
     return ProviderBundle(provider, otlp_reader, otlp_exporter, endpoint, logs)
