@@ -27,10 +27,14 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 __all__ = [
+    "ATTR_ANOMALY_SCORE",
+    "ATTR_ANOMALY_THRESHOLD",
     "ATTR_DEVICE",
     "ATTR_LAYER",
     "ATTR_PARAM_GROUP",
     "ATTR_SIGNAL",
+    "ATTR_STEP",
+    "AnomalyProfile",
     "CATALOG",
     "InstrumentKind",
     "MetricSpec",
@@ -54,6 +58,41 @@ ATTR_DEVICE: Final = "llm.device"
 """torch device string, e.g. ``cpu`` or ``cuda:0``."""
 ATTR_SIGNAL: Final = "llm.signal"
 """Name of the catalog signal an event is about."""
+ATTR_STEP: Final = "llm.step"
+"""Optimizer step an event happened at (anomaly log records)."""
+ATTR_ANOMALY_SCORE: Final = "llm.anomaly.score"
+"""The detector's score of a flagged series (anomaly log records)."""
+ATTR_ANOMALY_THRESHOLD: Final = "llm.anomaly.threshold"
+"""The threshold the score went over (anomaly log records)."""
+
+
+@dataclass(frozen=True)
+class AnomalyProfile:
+    """How the anomaly detector reads one gauge: how it moves when training is healthy.
+
+    A learning model moves its signals for real (attention sharpens, the loss falls
+    by half, the update ratio follows the learning-rate schedule), so the spreads
+    the detector divides by never go below what such a run does.
+    """
+
+    log: bool
+    """Judge log(value): the signal is a positive scale that changes by factors (non-positive values are skipped)."""
+    spread_floor: float
+    """Smallest baseline spread for the window-against-baseline (SAX) score, in the judged units."""
+    jump_floor: float
+    """Smallest forecast-error spread for the jump score, in the judged units."""
+
+
+_SCALE: Final = AnomalyProfile(log=True, spread_floor=0.5, jump_floor=0.03)
+"""Positive scales (loss, norms, ratios of norms, logits): a factor e^0.5 ~ 1.65 per window, 3% per sample."""
+_FRACTION: Final = AnomalyProfile(log=False, spread_floor=0.05, jump_floor=0.03)
+"""Fractions in [0, 1]: 5 percentage points per window, 3 per sample."""
+_SIGNED: Final = AnomalyProfile(log=False, spread_floor=0.5, jump_floor=0.02)
+"""Signed statistics around 0 (the gradient-norm decay rate)."""
+_SKEWNESS: Final = AnomalyProfile(log=False, spread_floor=1.0, jump_floor=0.02)
+"""Skewness of 512 token losses: a third moment, it drifts by about 1 per window as the loss falls."""
+_ROPE: Final = AnomalyProfile(log=False, spread_floor=0.01, jump_floor=0.01)
+"""RoPE angle error in rad: float rounding (1e-7..1e-5) is never an event; wrong positions (>= 0.1 rad) are."""
 
 RATIO: Final = "1"
 """Unit of a dimensionless metric whose name ends in ``ratio`` (the only place ``1`` keeps every name alike)."""
@@ -89,6 +128,8 @@ class MetricSpec:
     signal_number: int | None = None
     family: str = ""
     """The probe (or pipeline stage) that produces it; empty for user-declared metrics."""
+    anomaly: AnomalyProfile | None = None
+    """How the anomaly detector judges this gauge; None: not judged (schedules, memory, the sampler itself)."""
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -198,15 +239,16 @@ HEAD_ENTROPY_BUCKETS: Final = (0.25, 0.5, 0.75, 1.0, 1.2, 1.5, 2.0, 3.0, 4.0, 6.
 OVERHEAD_BUCKETS: Final = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0)
 
 
-def _gauge(name: str, description: str, *, family: str, unit: str, attributes: tuple[str, ...] = (),
-           number: int | None = None, thresholds: tuple[Threshold, ...] = ()) -> MetricSpec:
+def _gauge(name: str, description: str, *, family: str, unit: str, anomaly: AnomalyProfile | None,
+           attributes: tuple[str, ...] = (), number: int | None = None,
+           thresholds: tuple[Threshold, ...] = ()) -> MetricSpec:
     return MetricSpec(name, "observable_gauge", unit, description, attributes,
-                      thresholds=thresholds, signal_number=number, family=family)
+                      thresholds=thresholds, signal_number=number, family=family, anomaly=anomaly)
 
 
 CATALOG: Final[tuple[MetricSpec, ...]] = (
     _gauge(TRAIN_LOSS, "Mean training loss of the latest sampled step, as the loss function returned it.",
-           unit=DIMENSIONLESS, family="loss"),
+           unit=DIMENSIONLESS, family="loss", anomaly=_SCALE),
     MetricSpec(TRAIN_STEPS, "counter", "{step}", "Optimizer steps taken.", family="training"),
     MetricSpec(TRAIN_SKIPPED_STEPS, "counter", "{step}",
                "Updates the optimizer skipped (DeepSpeed's fp16 overflow): not counted in llm.train.steps.",
@@ -216,10 +258,10 @@ CATALOG: Final[tuple[MetricSpec, ...]] = (
     MetricSpec(TRAIN_STEP_DURATION, "histogram", "s", "Wall time between consecutive optimizer steps.",
                buckets=STEP_DURATION_BUCKETS, family="training"),
     _gauge(TRAIN_LEARNING_RATE, "Learning rate of each optimizer param group.", attributes=(ATTR_PARAM_GROUP,),
-           unit=DIMENSIONLESS, family="optimizer"),
+           unit=DIMENSIONLESS, family="optimizer", anomaly=None),
     _gauge(GRAD_NORM, "Global L2 norm of all gradients before clipping: the norm the step's clip call computed "
            "(clip_grad_norm_ and the frameworks built on it), else the norm at optimizer pre-step; after AMP "
-           "unscale.", unit=DIMENSIONLESS, family="optimizer"),
+           "unscale.", unit=DIMENSIONLESS, family="optimizer", anomaly=_SCALE),
     MetricSpec(GRAD_CLIPPED_STEPS, "counter", "{step}",
                "Optimizer steps whose clip call scaled the gradients down (pre-clip norm > max norm).",
                family="optimizer"),
@@ -227,24 +269,25 @@ CATALOG: Final[tuple[MetricSpec, ...]] = (
            "(|g_{t-1}| - |g_t|) / (|g_{t-1}| + 1e-8) between consecutive optimizer steps.", number=1,
            thresholds=(Threshold("warning", ">", 0.85, "gradient collapse"),
                        Threshold("warning", "<", -0.1, "gradient rebound")),
-           unit=DIMENSIONLESS, family="optimizer"),
+           unit=DIMENSIONLESS, family="optimizer", anomaly=_SIGNED),
     _gauge(GRAD_SPARSITY, "Fraction of gradient elements with abs <= threshold (default 1e-5).",
-           attributes=(ATTR_PARAM_GROUP,), number=2, unit=DIMENSIONLESS, family="optimizer"),
+           attributes=(ATTR_PARAM_GROUP,), number=2, unit=DIMENSIONLESS, family="optimizer", anomaly=_FRACTION),
     _gauge(PARAM_UPDATE_RATIO, "|delta theta|_2 / |theta_before|_2 over trainable parameters.", number=3,
            thresholds=(Threshold("warning", ">", 1e-2, "updates too large for the weights"),), unit=RATIO,
-           family="optimizer"),
+           family="optimizer", anomaly=_SCALE),
     _gauge(PARAM_UPDATE_VARIANCE_RATIO,
            "Sum over sampled coordinates of the cross-rank variance of the update, over the mean squared "
            "update norm; 0 with one rank.", number=4,
            thresholds=(Threshold("warning", ">=", 1e-5, "ranks drifting apart"),
-                       Threshold("critical", ">=", 1e-3, "ranks out of sync")), unit=RATIO, family="optimizer"),
+                       Threshold("critical", ">=", 1e-3, "ranks out of sync")), unit=RATIO, family="optimizer",
+           anomaly=_SCALE),
     MetricSpec(LOSS_TOKEN, "histogram", NATS,
                "Per-token cross-entropy (nats) of the sampled step, at most 512 tokens uniformly subsampled.",
                buckets=LOSS_TOKEN_BUCKETS, signal_number=5, family="loss"),
     _gauge(LOSS_TOKEN_SKEWNESS, "Fisher-Pearson skewness m3 / m2^1.5 of the step's valid per-token losses.",
-           number=6, unit=DIMENSIONLESS, family="loss"),
+           number=6, unit=DIMENSIONLESS, family="loss", anomaly=_SKEWNESS),
     _gauge(LOGITS_Z_LOSS, "Mean over valid tokens of (logsumexp of the logits)^2 (PaLM z-loss, no coefficient).",
-           number=7, unit=DIMENSIONLESS, family="loss"),
+           number=7, unit=DIMENSIONLESS, family="loss", anomaly=_SCALE),
     MetricSpec(ATTENTION_HEAD_ENTROPY, "histogram", NATS,
                "Per-head Shannon entropy (nats) of attention, averaged over sampled queries.",
                attributes=(ATTR_LAYER,), buckets=HEAD_ENTROPY_BUCKETS, signal_number=8,
@@ -252,23 +295,24 @@ CATALOG: Final[tuple[MetricSpec, ...]] = (
                                      for_duration="3m"),), family="attention"),
     _gauge(ATTENTION_HEAD_DIVERGENCE_MAX, "Max over heads of the variance of the head's cosine similarity "
            "to the other heads' attention outputs.", attributes=(ATTR_LAYER,), number=9, unit=DIMENSIONLESS,
-           family="attention"),
+           family="attention", anomaly=_SCALE),
     _gauge(ATTENTION_LOGIT_MAX, "Max pre-softmax attention logit q.k.scale.", attributes=(ATTR_LAYER,), number=10,
-           unit=DIMENSIONLESS, family="attention"),
+           unit=DIMENSIONLESS, family="attention", anomaly=_SCALE),
     _gauge(ATTENTION_SINK_RATIO, "Mean attention probability on key position 0 for query positions > 0.",
-           attributes=(ATTR_LAYER,), number=11, unit=RATIO, family="attention"),
+           attributes=(ATTR_LAYER,), number=11, unit=RATIO, family="attention", anomaly=_FRACTION),
     _gauge(ACTIVATION_SPARSITY, "Fraction of MLP intermediate activations with abs <= 1e-3.",
-           attributes=(ATTR_LAYER,), number=12, unit=DIMENSIONLESS, family="activations"),
+           attributes=(ATTR_LAYER,), number=12, unit=DIMENSIONLESS, family="activations", anomaly=_FRACTION),
     _gauge(ACTIVATION_OUTLIER_RATIO, "Fraction of hidden dimensions whose max abs over the step's tokens is >= 6.0.",
-           attributes=(ATTR_LAYER,), number=13, unit=RATIO, family="activations"),
+           attributes=(ATTR_LAYER,), number=13, unit=RATIO, family="activations", anomaly=_FRACTION),
     _gauge(LORA_RANK_ACTIVATION_RATIO, "Effective rank of lora_A activations over the LoRA rank.",
            attributes=(ATTR_LAYER,), number=14,
-           thresholds=(Threshold("warning", ">", 0.9, "LoRA rank saturated"),), unit=RATIO, family="lora"),
+           thresholds=(Threshold("warning", ">", 0.9, "LoRA rank saturated"),), unit=RATIO, family="lora",
+           anomaly=_FRACTION),
     _gauge(ROPE_ANGLE_DEVIATION, "Max abs error of the rotary angles the module emitted vs exact float64 angles.",
-           unit="rad", number=15, family="rope"),
+           unit="rad", number=15, family="rope", anomaly=_ROPE),
     _gauge(KV_CACHE_HIT_RATIO, "Reused / (reused + newly computed) K/V entries over the last 64 cache updates.",
            number=16, thresholds=(Threshold("warning", "<", 0.6, "KV cache reuse is low"),), unit=RATIO,
-           family="kv_cache"),
+           family="kv_cache", anomaly=None),
     MetricSpec(KV_CACHE_HITS, "counter", "{token}", "K/V token entries served from the cache.", family="kv_cache"),
     MetricSpec(KV_CACHE_LOOKUPS, "counter", "{token}", "K/V token entries attended (reused + newly computed).",
                family="kv_cache"),
@@ -276,10 +320,10 @@ CATALOG: Final[tuple[MetricSpec, ...]] = (
            attributes=(ATTR_DEVICE,), number=17,
            thresholds=(Threshold("warning", ">", 0.85, "memory pressure high"),
                        Threshold("critical", ">", 0.95, "memory nearly exhausted")),
-           unit=DIMENSIONLESS, family="memory"),
+           unit=DIMENSIONLESS, family="memory", anomaly=None),
     MetricSpec(TELEMETRY_SAMPLED_STEPS, "counter", "{step}", "Steps on which the expensive signals were computed.",
                family="telemetry"),
-    _gauge(TELEMETRY_SAMPLING_INTERVAL, "Current sampling interval.", unit="{step}", family="telemetry"),
+    _gauge(TELEMETRY_SAMPLING_INTERVAL, "Current sampling interval.", unit="{step}", family="telemetry", anomaly=None),
     MetricSpec(TELEMETRY_OVERHEAD, "histogram", "s",
                "Host time otel_llm took on the training thread in a sampled step (hooks, interceptors, publishing).",
                buckets=OVERHEAD_BUCKETS, family="telemetry"),
@@ -288,8 +332,11 @@ CATALOG: Final[tuple[MetricSpec, ...]] = (
                "are dropped.",
                attributes=(ATTR_SIGNAL,),
                thresholds=(Threshold("warning", "increase", 0.0, "a signal went NaN/Inf"),), family="telemetry"),
-    MetricSpec(ANOMALY_EVENTS, "counter", "{event}", "Anomalies flagged by the SAX detector.",
-               attributes=(ATTR_SIGNAL,), family="telemetry"),
+    MetricSpec(ANOMALY_EVENTS, "counter", "{event}",
+               "Anomalies the detector flagged (one per series and event; each is also an OTel log record).",
+               attributes=(ATTR_SIGNAL,),
+               thresholds=(Threshold("warning", "increase", 0.0, "the anomaly detector flagged a signal"),),
+               family="telemetry"),
 )
 
 _BY_NAME: Final = {spec.name: spec for spec in CATALOG}

@@ -18,9 +18,10 @@ import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from opentelemetry.environment_variables import OTEL_METRICS_EXPORTER
+from opentelemetry.environment_variables import OTEL_LOGS_EXPORTER, OTEL_METRICS_EXPORTER
 from opentelemetry.sdk.environment_variables import (
     OTEL_EXPORTER_PROMETHEUS_HOST,
     OTEL_EXPORTER_PROMETHEUS_PORT,
@@ -185,6 +186,18 @@ def _exporters(value: Any, name: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
+def _log_exporters(value: Any, name: str) -> tuple[str, ...]:
+    items = [item.lower() for item in _items(value)]
+    if not items or items == ["none"]:
+        return ()
+    known = {entry.name for entry in entry_points(group="opentelemetry_logs_exporter")}
+    unknown = [item for item in items if item not in known]
+    if unknown:
+        raise ValueError(f"{name}: {', '.join(unknown)} names no installed logs exporter "
+                         f"(installed: {', '.join(sorted(known))}, or none)")
+    return tuple(dict.fromkeys(items))
+
+
 def _optional_path(value: Any, name: str) -> str | None:
     if value is None or str(value).strip() == "":
         return None
@@ -291,22 +304,22 @@ class Config:
         "Adaptive: `llm.memory.pressure` above this doubles the interval.")
     anomaly_detection: bool = _option(
         env.OTEL_LLM_ANOMALY_DETECTION, _flag, True,
-        "Run the SAX anomaly detector on every gauge signal (`llm.anomaly.events`).")
+        "Run the anomaly detector on the gauge signals (`llm.anomaly.events`, one log record per event).")
     anomaly_baseline: int = _option(
         env.OTEL_LLM_ANOMALY_BASELINE, _at_least(2, MAX_ANOMALY_HISTORY), 64,
         "Anomaly: sampled values per signal in the baseline.")
     anomaly_window: int = _option(
         env.OTEL_LLM_ANOMALY_WINDOW, _at_least(1, MAX_ANOMALY_HISTORY), 8,
-        "Anomaly: sampled values in the recent window (at most the baseline).")
+        "Anomaly: sampled values in the recent window and behind each jump forecast (at most the baseline).")
     anomaly_segments: int = _option(
-        env.OTEL_LLM_ANOMALY_SEGMENTS, _at_least(1, MAX_ANOMALY_HISTORY), 4,
+        env.OTEL_LLM_ANOMALY_SEGMENTS, _at_least(1, MAX_ANOMALY_HISTORY), 8,
         "Anomaly: PAA segments per window (must divide the window).")
     anomaly_alphabet: int = _option(
         env.OTEL_LLM_ANOMALY_ALPHABET, _at_least(2, 256), 8,
         "Anomaly: SAX alphabet size (Gaussian breakpoints).")
     anomaly_threshold: float = _option(
         env.OTEL_LLM_ANOMALY_THRESHOLD, _positive_float, 6.5,
-        "Anomaly: a mean MINDIST to the baseline words above this flags the signal.")
+        "Anomaly: a score (SAX distance or jump, see \"Anomaly detection\") above this flags the series.")
     disabled_signals: tuple[str, ...] = _option(
         env.OTEL_LLM_DISABLED_SIGNALS, _signals, (),
         "Catalog signals (comma list, fnmatch patterns) neither computed nor exported.")
@@ -347,6 +360,10 @@ class Config:
     exporters: tuple[str, ...] = _option(
         OTEL_METRICS_EXPORTER, _exporters, EXPORTERS,
         "Readers: `prometheus`, `otlp`, both (comma list) or `none`.")
+    logs_exporters: tuple[str, ...] = _option(
+        OTEL_LOGS_EXPORTER, _log_exporters, (),
+        "Exporters of the anomaly log records (`otlp`, `otlp_proto_http`, `console`, ... comma list); unset or "
+        "`none`: no records, as the SDK defines it.")
     prometheus_host: str = _option(
         OTEL_EXPORTER_PROMETHEUS_HOST, _host, "127.0.0.1",
         "Address the Prometheus endpoint binds (loopback unless set).")

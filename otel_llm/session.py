@@ -28,17 +28,15 @@ from torch.optim.optimizer import (
 from torch.utils.hooks import RemovableHandle
 
 from otel_llm.catalog import (
-    ANOMALY_EVENTS,
-    MEMORY_PRESSURE,
     TELEMETRY_SAMPLING_INTERVAL,
-    TRAIN_LEARNING_RATE,
     TRAIN_SKIPPED_STEPS,
     TRAIN_STEPS,
     MetricSpec,
 )
 from otel_llm.config import Config
+from otel_llm.export.events import AnomalyLog
 from otel_llm.export.provider import ProviderBundle, build_provider
-from otel_llm.pipeline.anomaly import AnomalyMonitor
+from otel_llm.pipeline.anomaly import make_monitor
 from otel_llm.pipeline.clock import StepClock
 from otel_llm.pipeline.publisher import Publisher
 from otel_llm.pipeline.sampler import SamplingInputs, make_sampler
@@ -77,16 +75,6 @@ def _shutdown_all() -> None:
 
 
 atexit.register(_shutdown_all)
-
-
-def _anomaly_monitor(config: Config) -> AnomalyMonitor | None:
-    """The SAX detector the config asks for; schedule- and memory-driven gauges are not judged."""
-    if not config.anomaly_detection or config.is_disabled(ANOMALY_EVENTS):
-        return None
-    return AnomalyMonitor(baseline=config.anomaly_baseline, window=config.anomaly_window,
-                          segments=config.anomaly_segments, alphabet=config.anomaly_alphabet,
-                          threshold=config.anomaly_threshold,
-                          ignored=(TRAIN_LEARNING_RATE, MEMORY_PRESSURE, TELEMETRY_SAMPLING_INTERVAL))
 
 
 def _count(value: object) -> int | None:
@@ -134,7 +122,9 @@ class Instrumentation:
             self._bundle, self._owns_provider = build_provider(self.config, schema, extra_readers), True
         meter = self._bundle.provider.get_meter("otel_llm", __version__)
         self._meter = meter
-        self._publisher = Publisher(meter, _anomaly_monitor(self.config))
+        logs = self._bundle.logger_provider
+        self._publisher = Publisher(meter, make_monitor(self.config),
+                                    on_anomaly=AnomalyLog(logs).emit if logs is not None else None)
         self._user = UserMetrics(meter, schema, self._bundle.schema, self._publisher.count_nonfinite)
 
         self._clock = StepClock(make_sampler(self.config))

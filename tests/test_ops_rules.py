@@ -200,6 +200,9 @@ def test_every_threshold_has_one_alert_with_its_severity_and_hold_time():
     assert by_rule["LlmMemoryPressureHigh", "critical"]["expr"] == "llm_memory_pressure > 0.95"
     assert by_rule["LlmParamUpdateVarianceRatioHigh", "warning"]["expr"] == "llm_param_update_variance_ratio >= 1e-05"
     assert by_rule["LlmGradNormDecayRateLow", "warning"]["expr"] == "llm_grad_norm_decay_rate < -0.1"
+    assert by_rule["LlmAnomalyEventsIncreasing", "warning"]["expr"] == (  # a first event creates the series
+        "increase(llm_anomaly_events_total[5m]) > 0.0 or "
+        "(llm_anomaly_events_total unless llm_anomaly_events_total offset 5m) > 0.0")
     assert set(RUNBOOKS) == {a.name for a in generated}
 
 

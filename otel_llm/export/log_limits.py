@@ -29,10 +29,13 @@ from urllib.parse import unquote
 __all__ = ["ExportLogFilter", "attach", "detach", "export_scope", "header_secrets"]
 
 EXPORT_PATH_LOGGER_PREFIXES = ("opentelemetry.exporter.otlp", "opentelemetry.exporter.http",
-                               "opentelemetry.sdk.metrics", "opentelemetry.util.re", "otel_llm.export.provider")
+                               "opentelemetry.sdk.metrics", "opentelemetry.sdk._logs",
+                               "opentelemetry.sdk._shared_internal", "opentelemetry.util.re",
+                               "otel_llm.export.provider")
 """Loggers the filter is attached to (every existing logger whose name starts with one of these)."""
 
-HEADER_VARIABLES = ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_METRICS_HEADERS")
+HEADER_VARIABLES = ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_METRICS_HEADERS",
+                    "OTEL_EXPORTER_OTLP_LOGS_HEADERS")
 REDACTED = "[redacted]"
 _MIN_SECRET_LENGTH = 4
 """Shorter header values are left alone: redacting "1" or "on" would mangle every number and word."""

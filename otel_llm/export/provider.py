@@ -16,7 +16,9 @@ Built so the export path can never hurt training:
   more tightly when the collector already failed (a stopping job must not wait
   on a collector that is down or never answers);
 * while the OTLP exporter lives, its failures are logged at most once a minute
-  per kind and the OTLP header values never reach a log (:mod:`otel_llm.export.log_limits`).
+  per kind and the OTLP header values never reach a log (:mod:`otel_llm.export.log_limits`);
+* the LoggerProvider of the anomaly log records (:mod:`otel_llm.export.events`)
+  shares the resource, the rank policy, the flushes and the bounded shutdown.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     MetricExporter,
@@ -41,6 +44,7 @@ from opentelemetry.sdk.resources import Resource
 from otel_llm.catalog import MetricSpec
 from otel_llm.config import Config
 from otel_llm.export import log_limits, prometheus
+from otel_llm.export.events import build_logger_provider
 from otel_llm.export.sdk_variables import exemplar_filter, otlp_arguments, otlp_protocol
 from otel_llm.export.views import build_views
 from otel_llm.runtime.rank import RankInfo, exports, rank_info
@@ -178,6 +182,8 @@ class ProviderBundle:
     prometheus_endpoint: tuple[str, int] | None = None
     schema: tuple[MetricSpec, ...] = ()
     """The user metrics the Views were built for: a session on this provider records exactly these."""
+    logger_provider: LoggerProvider | None = None
+    """Exports the anomaly log records; None unless OTEL_LOGS_EXPORTER names an exporter."""
     _closed: bool = False
 
     @property
@@ -188,11 +194,25 @@ class ProviderBundle:
         return f"http://{prometheus.address(*self.prometheus_endpoint)}/metrics"
 
     def flush(self, timeout: float) -> bool:
-        """Push the OTLP reader now (never the Prometheus one) within ``timeout`` seconds; True if it arrived."""
-        if self.otlp_reader is None or self._closed:
+        """Push the OTLP reader (never the Prometheus one) and the log records now, within ``timeout`` seconds.
+
+        True if everything arrived.
+        """
+        if self._closed:
             return True
-        reader = self.otlp_reader
-        done = run_bounded(lambda: reader.force_flush(timeout_millis=timeout * 1000), timeout, "flush")
+        reader, logs = self.otlp_reader, self.logger_provider
+        if reader is None and logs is None:
+            return True
+        millis = timeout * 1000
+        outcome: list[bool] = []
+
+        def push() -> None:
+            if reader is not None:
+                outcome.append(reader.force_flush(timeout_millis=millis))
+            if logs is not None:
+                outcome.append(logs.force_flush(timeout_millis=int(millis)))
+
+        done = run_bounded(push, timeout, "flush") and all(outcome)
         exporter = self.otlp_exporter
         return done and (exporter is None or exporter.last_result is not MetricExportResult.FAILURE)
 
@@ -206,7 +226,7 @@ class ProviderBundle:
         if self._closed:
             return True
         self._closed = True
-        provider = self.provider
+        provider, logs = self.provider, self.logger_provider
         owns_log_filter = self.otlp_exporter is not None
         if self.otlp_exporter is not None and self.otlp_exporter.collector_failing():
             timeout = min(timeout, FAILING_COLLECTOR_SHUTDOWN_SECONDS)
@@ -214,8 +234,12 @@ class ProviderBundle:
         def close() -> None:
             try:
                 provider.shutdown(timeout_millis=timeout * 1000)
-            finally:
-                if owns_log_filter:  # only once the exporter is done, however long an abandoned one takes
+                if logs is not None:
+                    logs.shutdown()
+            finally:  # only once the exporters are done, however long an abandoned one takes
+                if owns_log_filter:
+                    log_limits.detach()
+                if logs is not None:
                     log_limits.detach()
 
         started = time.monotonic()
@@ -261,7 +285,17 @@ def build_provider(config: Config, extra_specs: Iterable[MetricSpec] = (),
             endpoint = served[1]
     if otlp_reader is not None:  # after the pull reader: shutdown takes them in order, and the push may take long
         readers.append(otlp_reader)
-    provider = MeterProvider(metric_readers=readers, resource=build_resource(config, ranks),
+    resource = build_resource(config, ranks)
+    provider = MeterProvider(metric_readers=readers, resource=resource,
                              views=build_views(config, extra_specs), shutdown_on_exit=False,
                              exemplar_filter=exemplar_filter())
-    return ProviderBundle(provider, otlp_reader, otlp_exporter, endpoint, schema=tuple(extra_specs))
+    logs = None
+    if config.logs_exporters and exports(ranks, config.export_ranks):
+        log_limits.attach()  # before the exporters exist: their constructors may already log a header
+        try:
+            logs = build_logger_provider(config.logs_exporters, resource)
+        except BaseException:
+            log_limits.detach()
+            raise
+    return ProviderBundle(provider, otlp_reader, otlp_exporter, endpoint, schema=tuple(extra_specs),
+                          logger_provider=logs)

@@ -39,4 +39,11 @@ RUNBOOKS: Final[dict[str, str]] = {
         "The signal in llm_signal came out NaN/Inf and was counted instead of exported: for llm.train.loss or "
         "llm.grad.norm the run has likely diverged; check the learning rate, AMP loss scaling and the data "
         "around that step, and resume from the last good checkpoint."),
+    "LlmAnomalyEventsIncreasing": (
+        "The detector saw the signal in llm_signal jump or shift far beyond how it moved so far (or go NaN/Inf): "
+        "find the step in the anomaly log records (event llm.anomaly: signal, layer, step, score); a flag on "
+        "llm.param.update_ratio or llm.grad.norm points at the learning rate or a bad batch, on llm.train.loss "
+        "alone at the data or labels, on the activation or attention signals of one layer at that layer's "
+        "weights. Compare with llm_train_loss and resume from the last good checkpoint if the loss does not "
+        "recover."),
 }

@@ -6,7 +6,10 @@ that observable-gauge callbacks read. NaN/Inf never reach the SDK: they are
 dropped, and ``llm.telemetry.nonfinite{llm.signal}`` counts one event per
 signal per sampled step that had any, gauge or histogram, whatever the number
 of layers or measurements affected. KV-cache updates are recorded as they come
-(generation has no steps), with the sliding-window hit ratio (#16).
+(generation has no steps), with the sliding-window hit ratio (#16). Every
+sampled step's gauges, non-finite ones included, go to the anomaly detector;
+each anomaly adds to ``llm.anomaly.events{llm.signal}``, logs one warning and
+goes to ``on_anomaly`` (the OTel log record).
 """
 
 from __future__ import annotations
@@ -35,18 +38,20 @@ from otel_llm.catalog import (
     TRAIN_STEP_DURATION,
     MetricSpec,
 )
-from otel_llm.pipeline.anomaly import AnomalyMonitor
+from otel_llm.pipeline.anomaly import Anomaly, AnomalyMonitor
 from otel_llm.pipeline.transfer import Publication, Snapshot
 from otel_llm.runtime import fork
 from otel_llm.runtime.log_once import LogOnce, once
 
-__all__ = ["KvCacheWindow", "Publisher", "Recorder", "create_recorder"]
+__all__ = ["AnomalySink", "KvCacheWindow", "Publisher", "Recorder", "create_recorder"]
 
 _logger = logging.getLogger(__name__)
 _QUEUE_LIMIT = 256
 
 Recorder = Callable[[float, Mapping[str, str]], None]
 """Records one value with attributes into a synchronous instrument, whatever its kind."""
+AnomalySink = Callable[[Anomaly, float], None]
+"""Receives each anomaly with the threshold it crossed (the log-record writer)."""
 
 
 def create_recorder(meter: Meter, spec: MetricSpec) -> Recorder:
@@ -114,9 +119,11 @@ class KvCacheWindow:
 class Publisher:
     """Owns the catalog instruments of one provider and the exporter-side thread."""
 
-    def __init__(self, meter: Meter, anomalies: AnomalyMonitor | None = None) -> None:
+    def __init__(self, meter: Meter, anomalies: AnomalyMonitor | None = None,
+                 on_anomaly: AnomalySink | None = None) -> None:
         self._snapshot = Snapshot()
         self._anomalies = anomalies
+        self._on_anomaly = on_anomaly
         self._flagged = 0
         self._flagged_lock = threading.Lock()
         self._kv = KvCacheWindow()
@@ -233,18 +240,19 @@ class Publisher:
             self.count_nonfinite(name)
         if publication.overhead is not None:
             sync[TELEMETRY_OVERHEAD](publication.overhead, {})
-        gauges = self._finite_gauges(publication)
-        self._snapshot = Snapshot(gauges)
+        self._snapshot = Snapshot(self._finite_gauges(publication))
         if self._anomalies is not None:
-            self._flag_anomalies(self._anomalies, publication.step, gauges)
+            self._flag_anomalies(self._anomalies, publication.step, publication.gauges)
 
     def _flag_anomalies(self, monitor: AnomalyMonitor, step: int,
                         gauges: Mapping[str, Iterable[tuple[Mapping[str, str], float]]]) -> None:
         flagged = monitor.observe(step, gauges)
         for anomaly in flagged:
             self._sync[ANOMALY_EVENTS](1, {ATTR_SIGNAL: anomaly.signal})
-            _logger.warning("otel_llm: anomaly in %s%s at step %d (SAX distance %.3g > %.3g)", anomaly.signal,
+            _logger.warning("otel_llm: anomaly in %s%s at step %d (score %.3g > %.3g)", anomaly.signal,
                             dict(anomaly.attributes) or "", anomaly.step, anomaly.score, monitor.threshold)
+            if self._on_anomaly is not None:
+                self._on_anomaly(anomaly, monitor.threshold)
         if flagged:
             with self._flagged_lock:
                 self._flagged += len(flagged)

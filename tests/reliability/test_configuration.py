@@ -17,7 +17,7 @@ import pytest
 
 import otel_llm
 from otel_llm import config as config_module
-from otel_llm.pipeline.anomaly import AnomalyMonitor
+from otel_llm.pipeline.anomaly import make_monitor
 from otel_llm.runtime.log_once import once
 from otel_llm.runtime.rank import rank_info
 from tests.support.backends import free_port
@@ -108,15 +108,15 @@ def test_the_largest_anomaly_settings_keep_the_detector_within_a_few_megabytes()
     """256 series at baseline 1024, window 512, segments 512: each series used to keep a baseline x window index
     (2.1 MB), 540 MB for these; a score now needs only baseline x segments temporaries."""
     config = otel_llm.Config(anomaly_baseline=1024, anomaly_window=512, anomaly_segments=512, exporters="none")
-    monitor = AnomalyMonitor(baseline=config.anomaly_baseline, window=config.anomaly_window,
-                             segments=config.anomaly_segments, alphabet=config.anomaly_alphabet)
+    monitor = make_monitor(config)
+    assert monitor is not None
     tracemalloc.start()
     try:
-        monitor.observe(0, {"llm.x": [({"llm.layer": str(layer)}, 1.0) for layer in range(256)]})
+        monitor.observe(0, {"llm.attention.logit_max": [({"llm.layer": str(layer)}, 1.0) for layer in range(256)]})
         created, _ = tracemalloc.get_traced_memory()
         tracemalloc.reset_peak()
         for step in range(1, 1536):  # one series' history fills up and is scored at every step from then on
-            monitor.observe(step, {"llm.y": [({}, float(step % 7))]})
+            monitor.observe(step, {"llm.train.loss": [({}, float(1 + step % 7))]})
         _, scoring_peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

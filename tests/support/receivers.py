@@ -1,8 +1,10 @@
-"""In-process OTLP metrics receivers, so tests can see exactly what an exporter sent.
+"""In-process OTLP receivers, so tests can see exactly what an exporter sent.
 
 Both receivers keep every ExportMetricsServiceRequest they get and share one
 set of query helpers (:class:`MetricsStore`), so a test reads the same way
-whichever protocol the exporter under test speaks.
+whichever protocol the exporter under test speaks. They take OTLP log records
+on the same endpoint too (the logs service over gRPC, ``/v1/logs`` over HTTP)
+into ``receiver.logs`` (:class:`LogsStore`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any, NamedTuple
 
 import grpc
 from google.protobuf import json_format
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
@@ -162,6 +166,63 @@ class MetricsStore:
                 self._cond.wait(remaining)
 
 
+class LogRecord(NamedTuple):
+    """One received log record, flattened: what a test asserts on."""
+
+    body: Any
+    severity_number: int
+    severity_text: str
+    event_name: str
+    attributes: dict[str, Any]
+    resource: dict[str, Any]
+    time_unix_nano: int
+
+
+class LogsStore:
+    """Thread-safe record of received ExportLogsServiceRequests."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._requests: list[ExportLogsServiceRequest] = []
+
+    def record(self, request: ExportLogsServiceRequest) -> None:
+        with self._cond:
+            self._requests.append(request)
+            self._cond.notify_all()
+
+    def records(self) -> list[LogRecord]:
+        """Every log record received, oldest first."""
+        with self._cond:
+            requests = list(self._requests)
+        return [LogRecord(any_value(record.body), record.severity_number, record.severity_text, record.event_name,
+                          attributes_dict(record.attributes), attributes_dict(resource_logs.resource.attributes),
+                          record.time_unix_nano)
+                for request in requests for resource_logs in request.resource_logs
+                for scope_logs in resource_logs.scope_logs for record in scope_logs.log_records]
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> bool:
+        """Block until at least ``count`` records were received; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while len(self.records()) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            with self._cond:
+                self._cond.wait(min(remaining, 0.05))
+        return True
+
+
+class _LogsServicer(logs_service_pb2_grpc.LogsServiceServicer):
+    def __init__(self, store: LogsStore) -> None:
+        self._store = store
+
+    def Export(  # noqa: N802 - name fixed by the generated service
+        self, request: ExportLogsServiceRequest, context: grpc.ServicerContext
+    ) -> logs_service_pb2.ExportLogsServiceResponse:
+        self._store.record(request)
+        return logs_service_pb2.ExportLogsServiceResponse()
+
+
 class _Servicer(metrics_service_pb2_grpc.MetricsServiceServicer):
     def __init__(self, store: MetricsStore) -> None:
         self._store = store
@@ -175,10 +236,11 @@ class _Servicer(metrics_service_pb2_grpc.MetricsServiceServicer):
 
 
 class GrpcMetricsReceiver(MetricsStore):
-    """OTLP/gRPC metrics endpoint on 127.0.0.1 (plaintext, use insecure=True)."""
+    """OTLP/gRPC metrics (and logs) endpoint on 127.0.0.1 (plaintext, use insecure=True)."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.logs = LogsStore()
         self.port = 0
         self._server: grpc.Server | None = None
 
@@ -195,6 +257,7 @@ class GrpcMetricsReceiver(MetricsStore):
     def __enter__(self) -> GrpcMetricsReceiver:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_Servicer(self), server)
+        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_LogsServicer(self.logs), server)
         # Binding port 0 lets gRPC pick the port, so there is no race with other tests.
         self.port = server.add_insecure_port("127.0.0.1:0")
         server.start()
@@ -229,10 +292,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802 - name fixed by BaseHTTPRequestHandler
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if self.path.split("?", 1)[0] != "/v1/metrics":
+        path = self.path.split("?", 1)[0]
+        if path not in ("/v1/metrics", "/v1/logs"):
             self._reply(404, b"not found", "text/plain")
             return
         content_type = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip()
+        if path == "/v1/logs":
+            self._receive_logs(body, content_type)
+            return
         try:
             payload = _decode_body(body, self.headers.get("Content-Encoding") or "")
             request = ExportMetricsServiceRequest()
@@ -254,6 +321,19 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._reply(200, response.SerializeToString(), content_type)
 
+    def _receive_logs(self, body: bytes, content_type: str) -> None:
+        if content_type != "application/x-protobuf":
+            self._reply(415, b"unsupported content type", "text/plain")
+            return
+        request = ExportLogsServiceRequest()
+        try:
+            request.ParseFromString(_decode_body(body, self.headers.get("Content-Encoding") or ""))
+        except Exception as exc:  # malformed input is the client's problem
+            self._reply(400, str(exc).encode(), "text/plain")
+            return
+        self.server.store.logs.record(request)
+        self._reply(200, logs_service_pb2.ExportLogsServiceResponse().SerializeToString(), content_type)
+
     def _reply(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -268,16 +348,17 @@ class _Handler(BaseHTTPRequestHandler):
 class _HttpServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, store: MetricsStore) -> None:
+    def __init__(self, store: HttpMetricsReceiver) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.store = store
 
 
 class HttpMetricsReceiver(MetricsStore):
-    """OTLP/HTTP metrics endpoint (POST /v1/metrics, protobuf or JSON, gzip/deflate)."""
+    """OTLP/HTTP metrics endpoint (POST /v1/metrics, protobuf or JSON, gzip/deflate; /v1/logs, protobuf)."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.logs = LogsStore()
         self.port = 0
         self._server: _HttpServer | None = None
         self._thread: threading.Thread | None = None
