@@ -33,6 +33,7 @@ import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tests.dist.worker import gauges as exported  # noqa: E402
 from tests.models import GPT  # noqa: E402
 
 VOCAB = 67
@@ -118,18 +119,6 @@ class Reference:
         return {"llm.grad.norm": norm, "llm.grad.sparsity": float((grads.abs() <= THRESHOLD).double().mean()),
                 "llm.param.update_ratio": float((after - before).norm() / before.norm()),
                 "llm.param.update_variance_ratio": 0.0, "clipped": float(self.clip > 0 and norm + 1e-6 > self.clip)}
-
-
-def exported(reader: Any) -> dict[str, float]:
-    out: dict[str, float] = {}
-    data = reader.get_metrics_data()
-    for rm in data.resource_metrics if data else ():
-        for sm in rm.scope_metrics:
-            for metric in sm.metrics:
-                for point in metric.data.data_points:
-                    if hasattr(point, "value"):
-                        out[metric.name] = point.value
-    return out
 
 
 def _number(value: Any) -> float | None:
