@@ -338,6 +338,14 @@ class Config:
     update_sample_seed: int = _option(
         env.OTEL_LLM_UPDATE_SAMPLE_SEED, _at_least(0, 2**64 - 1), 0,
         "Seed of that coordinate sample (equal on every rank).")
+    step_memory_fraction: float = _option(
+        env.OTEL_LLM_STEP_MEMORY_FRACTION, _fraction, 0.1,
+        "Extra memory a sampled step's gradient and update statistics may hold, as a fraction of the trainable "
+        "parameters' bytes (plus `step_memory_floor_mib`); past it the update ratio is estimated (see "
+        "\"Memory of a sampled step\").")
+    step_memory_floor_mib: int = _option(
+        env.OTEL_LLM_STEP_MEMORY_FLOOR_MIB, _at_least(0, 2**20), 64,
+        "MiB added to that budget: models whose parameter copy fits it get the exact update ratio.")
     attention_queries: int = _option(
         env.OTEL_LLM_ATTENTION_QUERIES, _at_least(1, 65_536), 64,
         "Query positions per attention call behind the attention signals (the last is always one).")

@@ -35,6 +35,8 @@ __all__ = [
     "OTEL_LLM_SAMPLING_WARMUP",
     "OTEL_LLM_SCHEMA",
     "OTEL_LLM_SHUTDOWN_TIMEOUT",
+    "OTEL_LLM_STEP_MEMORY_FLOOR_MIB",
+    "OTEL_LLM_STEP_MEMORY_FRACTION",
     "OTEL_LLM_TOKEN_LOSS_SAMPLES",
     "OTEL_LLM_UPDATE_SAMPLE_SEED",
     "OTEL_LLM_UPDATE_SAMPLE_SIZE",
@@ -105,6 +107,12 @@ OTEL_LLM_UPDATE_SAMPLE_SIZE: Final = "OTEL_LLM_UPDATE_SAMPLE_SIZE"
 
 OTEL_LLM_UPDATE_SAMPLE_SEED: Final = "OTEL_LLM_UPDATE_SAMPLE_SEED"
 """Sets :attr:`otel_llm.Config.update_sample_seed`."""
+
+OTEL_LLM_STEP_MEMORY_FRACTION: Final = "OTEL_LLM_STEP_MEMORY_FRACTION"
+"""Sets :attr:`otel_llm.Config.step_memory_fraction`."""
+
+OTEL_LLM_STEP_MEMORY_FLOOR_MIB: Final = "OTEL_LLM_STEP_MEMORY_FLOOR_MIB"
+"""Sets :attr:`otel_llm.Config.step_memory_floor_mib`."""
 
 OTEL_LLM_ATTENTION_QUERIES: Final = "OTEL_LLM_ATTENTION_QUERIES"
 """Sets :attr:`otel_llm.Config.attention_queries`."""

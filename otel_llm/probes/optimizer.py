@@ -37,7 +37,9 @@ from otel_llm.catalog import (
 from otel_llm.probes._clip_calls import CLIP, ClipCall
 from otel_llm.probes._deepspeed import Partitions, Segments, clip_bound, partitions, pre_clip_norm
 from otel_llm.probes._measuring import measuring
+from otel_llm.probes._tensor_stats import counts_above, squared_norms
 from otel_llm.probes._update_sample import CoordinateSample
+from otel_llm.probes._update_snapshot import Snapshot, SnapshotPlan, budget_bytes
 from otel_llm.probes.base import Probe, StepPlan, StepValues
 from otel_llm.probes.lora import lora_param_families
 from otel_llm.runtime import fork
@@ -95,6 +97,9 @@ class ShardReducer:
 
     def __init__(self, params: list[torch.Tensor], partitions: Partitions | None = None) -> None:
         self.group: Any = None
+        self.snapshot_plan: SnapshotPlan | None = None
+        """What a sampled step copies of these parameters (made once, see :class:`SnapshotPlan`)."""
+        self._constants: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._segments: list[Segments | None] = [None] * len(params)
         if partitions is not None and all(id(p) in partitions.segments for p in params):
             self._segments = [partitions.segments[id(p)] for p in params]
@@ -134,8 +139,15 @@ class ShardReducer:
     def local(self, partials: list[torch.Tensor]) -> torch.Tensor:
         """This rank's weighted totals of a stack of per-tensor partials, shape (k, n_tensors) -> (k,)."""
         stacked = torch.stack(partials).double()
-        weights = torch.tensor(self.weights, dtype=torch.float64, device=stacked.device)
-        return (stacked * weights).sum(dim=1)
+        return (stacked * self.constant("weights", self.weights, stacked.device)).sum(dim=1)
+
+    def constant(self, name: str, values: Sequence[float], device: torch.device) -> torch.Tensor:
+        """A float64 vector over the views that never changes for this parameter list, made once per device."""
+        key = (name, device)
+        tensor = self._constants.get(key)
+        if tensor is None:
+            tensor = self._constants[key] = torch.tensor(values, dtype=torch.float64, device=device)
+        return tensor
 
     def sums(self, partials: list[torch.Tensor]) -> torch.Tensor:
         """Global totals of a stack of per-tensor partials (one all-reduce when sharded)."""
@@ -156,22 +168,6 @@ def _all_reduce(totals: torch.Tensor, group: Any) -> torch.Tensor:
     return totals
 
 
-def _squares(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    return torch.stack([n.to(device, torch.float64) for n in torch._foreach_norm(list(tensors))]).square()
-
-
-def _above(tensors: list[torch.Tensor], threshold: float, device: torch.device) -> torch.Tensor:
-    """Per tensor, how many elements have abs > threshold.
-
-    relu(|g| - threshold) is zero exactly where |g| <= threshold (IEEE subtraction of
-    distinct values never gives zero), and its L0 norm counts the rest.
-    """
-    excess = torch._foreach_abs(tensors)
-    torch._foreach_sub_(excess, threshold)
-    torch._foreach_clamp_min_(excess, 0.0)
-    return torch.stack([n.to(device, torch.float64) for n in torch._foreach_norm(excess, 0)])
-
-
 @dataclass
 class _Update:
     """One optimizer update's local partial sums, over however many inner torch steps it took.
@@ -189,8 +185,8 @@ class _Update:
     """The parameter lists of the inner steps so far (DeepSpeed: one flat partition each)."""
     families: set[str] = field(default_factory=set)
     """Families with a member among the update's gradients."""
-    before: list[tuple[list[torch.Tensor], list[torch.Tensor], ShardReducer]] = field(default_factory=list)
-    """Per inner step: its parameters, their values before the step, and how to sum over them."""
+    before: list[tuple[Snapshot, ShardReducer]] = field(default_factory=list)
+    """Per inner step: its parameters before the step, and how to sum over them."""
 
     def add_grads(self, totals: torch.Tensor, group: Any) -> None:
         self.grads = totals if self.grads is None else self.grads + totals.to(self.grads.device)
@@ -328,30 +324,38 @@ class OptimizerProbe(Probe):
         if update is None or update.step != step or key in update.seen:  # the same tensors again: read anew
             update = self._update = _Update(step, sampled)
         update.seen.add(key)
-        if with_grad and (sampled or not self._clipped_l2()):
-            reducer = self._reducer_for(with_grad)
-            update.add_grads(reducer.local(self._gradient_partials(with_grad, reducer, sampled, update)),
-                             reducer.group)
-        if sampled and self._updates and params:
-            reducer = self._reducer_for(params)
-            before = list(torch._foreach_mul(reducer.views([p.detach() for p in params]), 1.0))
-            update.before.append((params, before, reducer))
+        with torch.no_grad():
+            if with_grad and (sampled or not self._clipped_l2()):
+                reducer = self._reducer_for(with_grad)
+                update.add_grads(reducer.local(self._gradient_partials(with_grad, reducer, sampled, update)),
+                                 reducer.group)
+            if sampled and self._updates and params:
+                reducer = self._reducer_for(params)
+                views = reducer.views(params)
+                snapshot_plan = reducer.snapshot_plan
+                if snapshot_plan is None or not snapshot_plan.current(views):
+                    snapshot_plan = reducer.snapshot_plan = SnapshotPlan.make(
+                        views, self._budget(views), self.config.update_sample_seed)
+                update.before.append((Snapshot(views, snapshot_plan, views[0].device), reducer))
+
+    def _budget(self, tensors: list[torch.Tensor]) -> int:
+        return budget_bytes(tensors, self.config.step_memory_fraction, self.config.step_memory_floor_mib)
 
     def _gradient_partials(self, with_grad: list[torch.Tensor], reducer: ShardReducer, sampled: bool,
                            update: _Update) -> list[torch.Tensor]:
         """Per view: squared norm; sampled, also elements above the threshold and size."""
-        grads = reducer.views([cast(torch.Tensor, p.grad).detach() for p in with_grad])
+        grads = reducer.views([cast(torch.Tensor, p.grad) for p in with_grad])
         device = grads[0].device
-        partials = [_squares(grads, device)]
+        partials = [squared_norms(grads, device)]
         if sampled:
-            above = _above(grads, self._threshold, device)
-            sizes = torch.tensor([float(g.numel()) for g in grads], dtype=torch.float64, device=device)
+            above = counts_above(grads, self._threshold, device, self._budget(grads))
+            sizes = reducer.constant("sizes", [float(g.numel()) for g in grads], device)
             partials += [above, sizes]
             for name, members in self._families.items():
                 chosen = [id(with_grad[owner]) in members for owner in reducer.owner]
                 if any(chosen):
                     update.families.add(name)
-                mask = torch.tensor(chosen, dtype=torch.float64, device=device)
+                mask = reducer.constant(f"family {name}", [float(c) for c in chosen], device)
                 partials += [above * mask, sizes * mask]
         return partials
 
@@ -363,11 +367,12 @@ class OptimizerProbe(Probe):
         local: list[torch.Tensor] = [] if update.grads is None else [update.grads]
         group = update.group
         deltas: list[tuple[list[torch.Tensor], ShardReducer]] = []
-        for params, before, reducer in update.before:
-            delta = torch._foreach_sub(reducer.views([p.detach() for p in params]), before)
-            local.append(reducer.local([_squares(delta, before[0].device), _squares(before, before[0].device)]))
-            deltas.append((list(delta), reducer))
-            group = reducer.group if reducer.group is not None else group
+        with torch.no_grad():
+            for snapshot, reducer in update.before:
+                delta, delta_squares = snapshot.deltas()
+                local.append(reducer.local([delta_squares, snapshot.before_squares]))
+                deltas.append((delta, reducer))
+                group = reducer.group if reducer.group is not None else group
         device = local[0].device if local else self._device
         # an unsampled step before a sampled one, with the clip's norm, has no partials to sum
         totals = _all_reduce(torch.cat([t.to(device) for t in local]), group) if local else None
