@@ -9,9 +9,10 @@ activation checkpointing during backward are not counted again.
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -94,16 +95,10 @@ class TokenMask:
 
     def __init__(self) -> None:
         self._mask: torch.Tensor | None = None
-        self._handle: RemovableHandle | None = None
 
-    def attach(self, model: torch.nn.Module) -> None:
-        self._handle = model.register_forward_pre_hook(self._enter, with_kwargs=True)
-
-    def detach(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        self.clear()
+    def hook(self, model: torch.nn.Module) -> Callable[[], RemovableHandle]:
+        """What registers the mask-reading pre-hook on ``model`` (for :meth:`Probe.hook_sampled`)."""
+        return functools.partial(model.register_forward_pre_hook, self._enter, with_kwargs=True)
 
     def clear(self) -> None:
         self._mask = None

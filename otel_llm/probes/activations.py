@@ -12,6 +12,7 @@ named with ``Config.mlp_output_path``.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -90,25 +91,26 @@ class ActivationProbe(Probe):
         missing: list[int] = []
         for position, layer in index.layers():
             if not cfg.is_disabled(ACTIVATION_OUTLIER_RATIO):
-                self.hook(layer.register_forward_hook(self.guarded(self._on_layer_output(position))))
+                self.hook_sampled(functools.partial(layer.register_forward_hook,
+                                                    self.guarded(self._on_layer_output(position))))
             if cfg.is_disabled(ACTIVATION_SPARSITY):
                 continue
             projection = mlp_output(layer, cfg.mlp_output_path)
             if projection is None:
                 missing.append(position)
                 continue
-            self.hook(projection.register_forward_pre_hook(self.guarded(self._on_mlp_input(position)),
-                                                           with_kwargs=True))
+            self.hook_sampled(functools.partial(projection.register_forward_pre_hook,
+                                                self.guarded(self._on_mlp_input(position)), with_kwargs=True))
         if missing:
             tried = cfg.mlp_output_path or ", ".join(MLP_OUTPUT_PATHS)
             _logger.info("otel_llm: no MLP output projection (%s) in %d of %d decoder layers of %s; "
                          "llm.activation.sparsity is not exported for them (set %s to name it)",
                          tried, len(missing), len(index), type(model).__name__, OTEL_LLM_MLP_OUTPUT_PATH)
-        if self._handles:
-            self._mask.attach(model)
+        if self._sampled_hooks:
+            self.hook_sampled(self._mask.hook(model))
 
     def detach(self) -> None:
-        self._mask.detach()
+        self._mask.clear()
         super().detach()
 
     # -- hooks --------------------------------------------------------------

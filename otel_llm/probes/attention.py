@@ -15,6 +15,7 @@ scores has no head divergence (the values are not visible there).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -60,11 +61,13 @@ class AttentionProbe(Probe):
         index = LayerIndex(model, self.config.layers_path)
         if len(index):
             for position, layer in index.layers():
-                self.hook(layer.register_forward_pre_hook(self.guarded(self._enter(position))))
-                self.hook(layer.register_forward_hook(self.guarded(self._leave), always_call=True))
+                self.hook_sampled(functools.partial(layer.register_forward_pre_hook,
+                                                    self.guarded(self._enter(position))))
+                self.hook_sampled(functools.partial(layer.register_forward_hook, self.guarded(self._leave),
+                                                    always_call=True))
         else:
             self._by_order = True
-            self.hook(model.register_forward_pre_hook(self._new_forward))
+            self.hook_sampled(functools.partial(model.register_forward_pre_hook, self._new_forward))
         for patch in eager_patches(model):
             self.use(patch)
         self.listen(ATTENTION, self.guarded(self._on_call))

@@ -23,7 +23,7 @@ from otel_llm.runtime.log_once import once
 if TYPE_CHECKING:
     from otel_llm.config import Config
 
-__all__ = ["Counter", "Gauge", "Histogram", "Probe", "StepPlan", "StepValues", "log_failure"]
+__all__ = ["Counter", "Gauge", "Histogram", "Probe", "StepPlan", "StepValues", "is_compiled", "log_failure"]
 
 _logger = logging.getLogger("otel_llm.probes")
 
@@ -34,6 +34,14 @@ def log_failure(probe: str) -> None:
     """Log the exception being handled, once per probe name; the caller skips the step's values."""
     once(_logger, logging.WARNING, ("probe failed", probe), "otel_llm: probe %s failed and is skipped for this step",
          probe, exc_info=True)
+
+
+def is_compiled(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a ``torch.compile`` wrapper or holds a module compiled in place."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return isinstance(model, OptimizedModule) or any(
+        getattr(module, "_compiled_call_impl", None) is not None for module in model.modules())
 
 
 def _family_enabled(family: str, config: Config) -> bool:
@@ -130,6 +138,11 @@ class Probe:
         self.host_seconds = 0.0
         """Host time this probe spent outside the optimizer hooks during the step (read by the session)."""
         self._handles: list[RemovableHandle] = []
+        self._sampled_hooks: list[Callable[[], RemovableHandle]] = []
+        self._sampled_handles: list[RemovableHandle] = []
+        self.hooks_pinned = False
+        """Sampled-step hooks stay registered: the model is compiled, and a hook set that changes
+        with every sampled step would make it recompile (see :meth:`hook_sampled`)."""
         self._listening: list[tuple[Interception[Any], Any]] = []
         self._patches: list[Patch] = []
 
@@ -165,11 +178,30 @@ class Probe:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._remove_sampled_hooks()
+        self._sampled_hooks.clear()
         self.reset()
 
     def hook(self, handle: RemovableHandle) -> None:
         """Keep ``handle`` so :meth:`detach` removes it."""
         self._handles.append(handle)
+
+    def hook_sampled(self, register: Callable[[], RemovableHandle]) -> None:
+        """Keep a module hook registered only during sampled steps: ``register()`` installs it.
+
+        Unsampled steps then never call it (a module without hooks also takes
+        PyTorch's fast call path). :meth:`begin_step` registers and removes them,
+        except for a compiled model (:attr:`hooks_pinned`: set at attach for a compiled
+        model, or when a hook first runs under compilation), where they stay.
+        """
+        self._sampled_hooks.append(register)
+        if self.sampled:
+            self._sampled_handles.append(register())
+
+    def _remove_sampled_hooks(self) -> None:
+        for handle in self._sampled_handles:
+            handle.remove()
+        self._sampled_handles.clear()
 
     def listen(self, interception: Interception[Any], listener: Any) -> None:
         """Deliver ``interception``'s calls to ``listener`` until :meth:`detach`."""
@@ -185,6 +217,10 @@ class Probe:
     def begin_step(self, sampled: bool) -> None:
         """Called before each step's forward pass with the sampling decision."""
         self.sampled = sampled
+        if (sampled or self.hooks_pinned) and not self._sampled_handles:
+            self._sampled_handles = [register() for register in self._sampled_hooks]
+        elif not sampled and self._sampled_handles and not self.hooks_pinned:
+            self._remove_sampled_hooks()
 
     def before_update(self, optimizer: torch.optim.Optimizer, plan: StepPlan) -> None:
         """Optimizer pre-step of a sampled step or of the step before one."""
@@ -215,6 +251,8 @@ class Probe:
 
         @functools.wraps(hook)
         def safe(*args: Any) -> None:
+            if torch.compiler.is_compiling():
+                self.hooks_pinned = True
             timed = self.sampled and not torch.compiler.is_compiling()
             started = time.perf_counter() if timed else 0.0
             try:

@@ -18,6 +18,7 @@ factors are left out of #14; all factors are in the gradient groups.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -107,15 +108,16 @@ class LoraProbe(Probe):
         self._factors = list(_factors(model, index.layer_of))
         for slot, factor in enumerate(self._factors):
             if factor.parameter is None:
-                self.hook(factor.module.register_forward_hook(self.guarded(self._on_output(slot))))
+                self.hook_sampled(functools.partial(factor.module.register_forward_hook,
+                                                    self.guarded(self._on_output(slot))))
             else:
-                self.hook(factor.module.register_forward_pre_hook(self.guarded(self._on_input(slot)),
-                                                                  with_kwargs=True))
-        if self._handles:
-            self._mask.attach(model)
+                self.hook_sampled(functools.partial(factor.module.register_forward_pre_hook,
+                                                    self.guarded(self._on_input(slot)), with_kwargs=True))
+        if self._sampled_hooks:
+            self.hook_sampled(self._mask.hook(model))
 
     def detach(self) -> None:
-        self._mask.detach()
+        self._mask.clear()
         self._factors = []
         super().detach()
 

@@ -13,7 +13,7 @@ import torch
 
 from otel_llm.probes.activations import ActivationProbe
 from otel_llm.probes.attention import AttentionProbe
-from otel_llm.probes.base import Probe, StepPlan, StepValues, log_failure
+from otel_llm.probes.base import Probe, StepPlan, StepValues, is_compiled, log_failure
 from otel_llm.probes.kv_cache import KvCacheListener, KvCacheProbe
 from otel_llm.probes.lora import LoraProbe
 from otel_llm.probes.loss import LossProbe
@@ -75,7 +75,9 @@ class Probes:
 
     def attach(self, model: torch.nn.Module, sampled: bool) -> None:
         """Hook ``model``; a probe that cannot read this model is detached and left out."""
+        compiled = is_compiled(model)
         for probe in self._all:
+            probe.hooks_pinned = probe.hooks_pinned or compiled
             try:
                 probe.attach(model)
                 probe.begin_step(sampled)

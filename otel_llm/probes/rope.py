@@ -13,6 +13,7 @@ thousands) is what it catches.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any, cast
@@ -66,7 +67,8 @@ class RopeProbe(Probe):
 
     def attach(self, model: torch.nn.Module) -> None:
         for module in rotary_modules(model):
-            self.hook(module.register_forward_hook(self.guarded(self._on_forward), with_kwargs=True))
+            self.hook_sampled(functools.partial(module.register_forward_hook, self.guarded(self._on_forward),
+                                                with_kwargs=True))
 
     def _on_forward(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                     output: Any) -> None:
