@@ -223,9 +223,6 @@ class Publisher:
                 sync[name](count, attributes)
         for duration in publication.durations:
             sync[TRAIN_STEP_DURATION](duration, {})
-        if not publication.sampled:
-            return
-        sync[TELEMETRY_SAMPLED_STEPS](1, {})
         nonfinite: set[str] = set()  # once per signal, however many of its layers or measurements
         for name, attributes, measurements in publication.histograms:
             instrument = sync.get(name)
@@ -238,6 +235,15 @@ class Publisher:
                 instrument(value, attributes)
         for name in nonfinite:
             self.count_nonfinite(name)
+        for name, points in publication.gauges.items():  # synchronous gauges (the last step's time): every step
+            setter = sync.get(name)
+            if setter is not None:
+                for attributes, value in points:
+                    if math.isfinite(value):
+                        setter(value, attributes)
+        if not publication.sampled:
+            return
+        sync[TELEMETRY_SAMPLED_STEPS](1, {})
         if publication.overhead is not None:
             sync[TELEMETRY_OVERHEAD](publication.overhead, {})
         self._snapshot = Snapshot(self._finite_gauges(publication))

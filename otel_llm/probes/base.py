@@ -17,6 +17,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from otel_llm.catalog import family_signals
+from otel_llm.probes._flop_count import run_uncounted
 from otel_llm.probes.interception import Interception, Patch
 from otel_llm.runtime.log_once import once
 
@@ -110,7 +111,8 @@ class Probe:
     - per step, :meth:`begin_step` before the forward pass with the sampling decision,
       :meth:`before_update` at optimizer pre-step on sampled steps and the steps just
       before them (gradients are final there), and :meth:`finish` after the update of
-      a sampled step; :meth:`tally` on every step for probes that count every step;
+      a sampled step; :meth:`end_step` when an update completes, then :meth:`tally` on every
+      step for probes that count every step;
     - :meth:`reset` drops a step's partial state after a failure.
 
     Hooks must only bookkeep on non-sampled steps, never synchronise host and
@@ -193,8 +195,15 @@ class Probe:
         """The sampled step's values (after the update); also clears the step's state."""
         return StepValues()
 
+    def end_step(self) -> None:
+        """An optimizer update completed (every step, before its values are read); flushes never call it."""
+
     def tally(self) -> StepValues:
-        """Counters of the step just ended, sampled or not (probes with :attr:`every_step`)."""
+        """Values of the step just ended, sampled or not (probes with :attr:`every_step`).
+
+        Counters may be device counts; histograms and gauges must be host values
+        (CPU tensors, numbers): a non-sampled step publishes them without a transfer.
+        """
         return StepValues()
 
     def reset(self) -> None:
@@ -208,6 +217,7 @@ class Probe:
         dropped and the probe sits out the rest of the step (a half-measured step is
         never published); the next :meth:`begin_step` brings it back. The wrapper
         returns None, so a hook can never replace a module's inputs or output.
+        While a FLOP count is in progress the hook's own FLOPs are left out of it.
         On sampled steps the hook's host time is added to :attr:`host_seconds`, the
         training thread's share of ``llm.telemetry.overhead`` (not under
         torch.compile tracing, where reading a clock would break the graph).
@@ -218,7 +228,7 @@ class Probe:
             timed = self.sampled and not torch.compiler.is_compiling()
             started = time.perf_counter() if timed else 0.0
             try:
-                hook(*args)
+                run_uncounted(hook, args)
             except Exception:  # noqa: BLE001 - never raise into the training loop
                 log_failure(self.name)
                 self.reset()
