@@ -56,7 +56,12 @@ _WIDTH, _HEIGHT, _GRID = 8, 8, 24
 
 
 def grafana_unit(unit: str, per_second: bool = False) -> str:
-    """Grafana's unit id for a catalog unit (``{token}`` counts as ``count:tokens``, nats as a plain number)."""
+    """Grafana's unit id for a catalog unit (``{token}`` counts as ``count:tokens``, nats as a plain number).
+
+    A rate of ``{flop}`` is Grafana's own FLOP/s unit, which scales to TFLOP/s.
+    """
+    if unit == "{flop}" and per_second:
+        return "flops"
     if unit.startswith("{") and unit != NATS:
         return f"count:{unit.strip('{}')}s" + ("/s" if per_second else "")
     if per_second:
