@@ -4,9 +4,14 @@ Host clocks on the training thread: a step's compute runs from its first
 training forward to the end of its ``optimizer.step()``; its input wait from the
 end of the previous step (after otel_llm published it) to that forward. A
 checkpoint save in either span is taken out of it and recorded on its own.
-Goodput is compute over wall time since the previous sampled step. The rank's
-mean step time over that window goes into the sampling agreement, whose MAX
-makes the slowest and fastest rank's known everywhere (no collective of its own).
+Goodput is compute over wall time since the previous sampled step.
+
+The rank's mean step time over that window (input wait + compute + saves,
+leaving out otel_llm's publishing, where the sampling agreement waits for the
+other ranks) goes into that agreement, whose MAX makes the slowest and fastest
+rank's known everywhere (no collective of its own). Gradient collectives inside
+backward (DDP, FSDP) make a fast rank wait for a slow one within its compute,
+so there the ranks' step times agree and the slow rank shows in its input wait.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ class StepTimeProbe(Probe):
         self._last_step: float | None = None
         self._window_start: float | None = None
         self._window_compute = 0.0
+        self._window_busy = 0.0
         self._window_steps = 0
         self.window_step_seconds = math.nan
         """This rank's mean step time over the last finished window (for the slow-rank agreement)."""
@@ -89,10 +95,13 @@ class StepTimeProbe(Probe):
         self._step_ended = True
         if self._input_wait is not None:
             self._done.append((TRAIN_INPUT_WAIT, self._input_wait))
+            self._window_busy += self._input_wait
         if self._forward_at is not None:
             compute = max(0.0, now - self._forward_at - self._saving)
             self._done.append((TRAIN_COMPUTE, compute))
             self._window_compute += compute
+            self._window_busy += compute
+        self._window_busy += sum(self._saves)
         self._window_steps += 1
         self._done.extend((TRAIN_CHECKPOINT, seconds) for seconds in self._saves)
         self._saves.clear()
@@ -124,10 +133,9 @@ class StepTimeProbe(Probe):
         now = time.perf_counter()
         self.window_step_seconds = math.nan
         if self._window_start is not None and now > self._window_start and self._window_steps:
-            wall = now - self._window_start
-            values.gauge(TRAIN_GOODPUT, min(1.0, self._window_compute / wall))
-            self.window_step_seconds = wall / self._window_steps
-        self._window_start, self._window_compute, self._window_steps = now, 0.0, 0
+            values.gauge(TRAIN_GOODPUT, min(1.0, self._window_compute / (now - self._window_start)))
+            self.window_step_seconds = self._window_busy / self._window_steps
+        self._window_start, self._window_compute, self._window_busy, self._window_steps = now, 0.0, 0.0, 0
         return values
 
     def reset(self) -> None:
