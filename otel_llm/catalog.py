@@ -248,7 +248,7 @@ TRAIN_GOODPUT: Final = "llm.train.goodput"
 TRAIN_LAST_STEP: Final = "llm.train.last_step.timestamp"
 """gauge, unit s: Unix time of the last completed optimizer step (for "trainer stalled" alerts)."""
 TRAIN_STEP_SLOWEST: Final = "llm.train.step.slowest"
-"""observable gauge, unit s: mean step time of the slowest data-parallel rank since the previous sampled step."""
+"""observable gauge, unit s: mean busy step time of the slowest data-parallel rank since the previous sampled step."""
 TRAIN_STEP_FASTEST: Final = "llm.train.step.fastest"
 """observable gauge, unit s: mean step time of the fastest data-parallel rank since the previous sampled step."""
 TRAIN_STEP_SKEW_RATIO: Final = "llm.train.step.skew_ratio"
@@ -385,8 +385,9 @@ CATALOG: Final[tuple[MetricSpec, ...]] = (
     MetricSpec(TRAIN_LAST_STEP, "gauge", "s", "Unix time of the last completed optimizer step.",
                thresholds=(Threshold("critical", ">", STALL_SECONDS, "no optimizer step for 10 minutes",
                                      statistic="age"),), family="step_time"),
-    _gauge(TRAIN_STEP_SLOWEST, "Mean step time of the slowest data-parallel rank since the previous sampled step "
-           "(agreed in the sampling collective; adaptive sampling only; exported by rank 0).", unit="s",
+    _gauge(TRAIN_STEP_SLOWEST, "Mean step time (input wait + compute + saves) of the slowest data-parallel rank "
+           "since the previous sampled step (agreed in the sampling collective; adaptive sampling only; exported "
+           "by rank 0).", unit="s",
            family="step_time", anomaly=None),
     _gauge(TRAIN_STEP_FASTEST, "Mean step time of the fastest data-parallel rank since the previous sampled step.",
            unit="s", family="step_time", anomaly=None),

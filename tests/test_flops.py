@@ -92,7 +92,7 @@ def test_gradient_accumulation_counts_every_micro_batch(harness):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     h = harness(model, optimizer, sampling_interval=1)
     for _ in range(2):
-        for micro in range(3):
+        for _micro in range(3):
             idx = torch.randint(0, VOCAB, (2, 16))
             model(idx, idx)[1].backward()
         optimizer.step()
