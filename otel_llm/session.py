@@ -19,6 +19,7 @@ import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
@@ -426,7 +427,8 @@ class Instrumentation:
         counters: list[CounterPoint] = list(tally.counters)
         if steps:
             counters.insert(0, (TRAIN_STEPS, {}, steps))
-        histograms = [(h.name, h.attributes, h.values.numpy()) for h in tally.histograms]  # host by contract
+        histograms = [(h.name, h.attributes, h.values) for h in tally.histograms
+                      if isinstance(h.values, np.ndarray)]  # host values by contract
         gauges: dict[str, GaugePoints] = {g.name: ((g.attributes, float(g.value)),) for g in tally.gauges}
         if counters or durations or histograms or gauges:
             self._publisher.submit(Publication(step=self._clock.step, sampled=False, counters=counters,

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
+import numpy as np
 import torch
 from torch.utils.hooks import RemovableHandle
 
@@ -51,8 +52,8 @@ class Gauge(NamedTuple):
 class Histogram(NamedTuple):
     name: str
     attributes: Attributes
-    values: torch.Tensor
-    """1-D measurements."""
+    values: torch.Tensor | np.ndarray
+    """1-D measurements: on the device, or a float64 array already on the host (no transfer)."""
     keep: torch.Tensor | None
     """1-D bool: which measurements are real (None: all)."""
 
@@ -75,7 +76,7 @@ class StepValues:
     def gauge(self, name: str, value: torch.Tensor | float, attributes: Attributes | None = None) -> None:
         self.gauges.append(Gauge(name, attributes or {}, value))
 
-    def histogram(self, name: str, values: torch.Tensor, attributes: Attributes | None = None,
+    def histogram(self, name: str, values: torch.Tensor | np.ndarray, attributes: Attributes | None = None,
                   keep: torch.Tensor | None = None) -> None:
         self.histograms.append(Histogram(name, attributes or {}, values, keep))
 
@@ -202,7 +203,7 @@ class Probe:
         """Values of the step just ended, sampled or not (probes with :attr:`every_step`).
 
         Counters may be device counts; histograms and gauges must be host values
-        (CPU tensors, numbers): a non-sampled step publishes them without a transfer.
+        (NumPy arrays, numbers): a non-sampled step publishes them without a transfer.
         """
         return StepValues()
 

@@ -20,6 +20,7 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from otel_llm.catalog import (
@@ -121,7 +122,7 @@ class StepTimeProbe(Probe):
             by_name.setdefault(name, []).append(seconds)
         self._done.clear()
         for name, seconds_list in by_name.items():
-            values.histogram(name, torch.tensor(seconds_list, dtype=torch.float64))
+            values.histogram(name, np.array(seconds_list, dtype=np.float64))
         if self._last_step is not None:
             values.gauge(TRAIN_LAST_STEP, self._last_step)
             self._last_step = None
