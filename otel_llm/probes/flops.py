@@ -209,5 +209,13 @@ class FlopProbe(Probe):
         return values
 
     def reset(self) -> None:
-        if self._counting is not None:
-            self._finish_count()
+        """A hook failed mid-step: a count in progress is partial, so the shape gets the estimate instead."""
+        if self._counting is None:
+            return
+        key, count, estimate = self._counting
+        self._counting = None
+        try:
+            count.stop()
+        except Exception:  # noqa: BLE001 - the count is discarded either way
+            pass
+        self._remember(key, estimate, "a FLOP count was cut short by a failing hook")
