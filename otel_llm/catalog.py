@@ -246,7 +246,7 @@ TRAIN_CHECKPOINT: Final = "llm.train.checkpoint.duration"
 TRAIN_GOODPUT: Final = "llm.train.goodput"
 """observable gauge, no unit: compute time over wall time since the previous sampled step."""
 TRAIN_LAST_STEP: Final = "llm.train.last_step.timestamp"
-"""gauge, unit s: Unix time of the last completed optimizer step (for "trainer stalled" alerts)."""
+"""observable gauge, unit s: Unix time of the last completed optimizer step, every step (for "stalled" alerts)."""
 TRAIN_STEP_SLOWEST: Final = "llm.train.step.slowest"
 """observable gauge, unit s: mean busy step time of the slowest data-parallel rank since the previous sampled step."""
 TRAIN_STEP_FASTEST: Final = "llm.train.step.fastest"
@@ -382,9 +382,9 @@ CATALOG: Final[tuple[MetricSpec, ...]] = (
                "Trainer checkpoints), outermost call only.", buckets=CHECKPOINT_BUCKETS, family="step_time"),
     _gauge(TRAIN_GOODPUT, "Compute time over wall time since the previous sampled step (1: no time lost to input "
            "or checkpoints).", unit=DIMENSIONLESS, family="step_time", anomaly=None),
-    MetricSpec(TRAIN_LAST_STEP, "gauge", "s", "Unix time of the last completed optimizer step.",
-               thresholds=(Threshold("critical", ">", STALL_SECONDS, "no optimizer step for 10 minutes",
-                                     statistic="age"),), family="step_time"),
+    _gauge(TRAIN_LAST_STEP, "Unix time of the last completed optimizer step (updated every step).", unit="s",
+           thresholds=(Threshold("critical", ">", STALL_SECONDS, "no optimizer step for 10 minutes",
+                                 statistic="age"),), family="step_time", anomaly=None),
     _gauge(TRAIN_STEP_SLOWEST, "Mean step time (input wait + compute + saves) of the slowest data-parallel rank "
            "since the previous sampled step (agreed in the sampling collective; adaptive sampling only; exported "
            "by rank 0).", unit="s",

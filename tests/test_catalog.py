@@ -53,7 +53,7 @@ CONTRACT = {
                                                 60)),
     "llm.train.checkpoint.duration": (H, "s", (), (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)),
     "llm.train.goodput": (G, "", (), None),
-    "llm.train.last_step.timestamp": ("gauge", "s", (), None),
+    "llm.train.last_step.timestamp": (G, "s", (), None),
     "llm.train.step.slowest": (G, "s", (), None),
     "llm.train.step.fastest": (G, "s", (), None),
     "llm.train.step.skew_ratio": (G, "1", (), None),
