@@ -30,6 +30,7 @@ __all__ = [
     "ATTR_ANOMALY_SCORE",
     "ATTR_ANOMALY_THRESHOLD",
     "ATTR_DEVICE",
+    "ATTR_FLOPS_METHOD",
     "ATTR_LAYER",
     "ATTR_PARAM_GROUP",
     "ATTR_SIGNAL",
@@ -39,6 +40,7 @@ __all__ = [
     "InstrumentKind",
     "MetricSpec",
     "Threshold",
+    "BYTES",
     "DIMENSIONLESS",
     "NATS",
     "RATIO",
@@ -58,6 +60,8 @@ ATTR_DEVICE: Final = "llm.device"
 """torch device string, e.g. ``cpu`` or ``cuda:0``."""
 ATTR_SIGNAL: Final = "llm.signal"
 """Name of the catalog signal an event is about."""
+ATTR_FLOPS_METHOD: Final = "llm.flops.method"
+"""How a FLOP count was obtained: ``counted`` (torch's FlopCounterMode) or ``analytic`` (the 6N formula)."""
 ATTR_STEP: Final = "llm.step"
 """Optimizer step an event happened at (anomaly log records)."""
 ATTR_ANOMALY_SCORE: Final = "llm.anomaly.score"
@@ -98,6 +102,8 @@ RATIO: Final = "1"
 """Unit of a dimensionless metric whose name ends in ``ratio`` (the only place ``1`` keeps every name alike)."""
 DIMENSIONLESS: Final = ""
 """Unit of any other dimensionless value (a norm, a learning rate, a fraction not named a ratio)."""
+BYTES: Final = "By"
+"""Unit of a memory size in bytes (``_bytes`` suffix on every path)."""
 NATS: Final = "{nat}"
 """Annotation for entropies and cross-entropies: informative in OTLP metadata, dropped from every series name."""
 
@@ -225,6 +231,38 @@ KV_CACHE_HITS: Final = "llm.kv_cache.hits"
 KV_CACHE_LOOKUPS: Final = "llm.kv_cache.lookups"
 MEMORY_PRESSURE: Final = "llm.memory.pressure"
 
+# --- Throughput and goodput ----------------------------------------------
+
+TRAIN_FLOPS: Final = "llm.train.flops"
+"""counter, unit {flop}: model FLOPs executed (forward + backward); rate() is the achieved FLOP/s."""
+TRAIN_MFU: Final = "llm.train.mfu"
+"""observable gauge, no unit: achieved FLOP/s over the device's peak FLOP/s (absent when the peak is unknown)."""
+TRAIN_INPUT_WAIT: Final = "llm.train.input_wait.duration"
+"""histogram, unit s: from the end of optimizer.step() to the next training forward, checkpoint saves excluded."""
+TRAIN_COMPUTE: Final = "llm.train.compute.duration"
+"""histogram, unit s: from a step's first training forward to the end of its optimizer.step()."""
+TRAIN_CHECKPOINT: Final = "llm.train.checkpoint.duration"
+"""histogram, unit s: one checkpoint save (torch.save, torch.distributed.checkpoint, save_pretrained, Trainer)."""
+TRAIN_GOODPUT: Final = "llm.train.goodput"
+"""observable gauge, no unit: compute time over wall time since the previous sampled step."""
+TRAIN_LAST_STEP: Final = "llm.train.last_step.timestamp"
+"""observable gauge, unit s: Unix time of the last completed optimizer step, every step (for "stalled" alerts)."""
+TRAIN_STEP_SLOWEST: Final = "llm.train.step.slowest"
+"""observable gauge, unit s: mean busy step time of the slowest data-parallel rank since the previous sampled step."""
+TRAIN_STEP_FASTEST: Final = "llm.train.step.fastest"
+"""observable gauge, unit s: mean step time of the fastest data-parallel rank since the previous sampled step."""
+TRAIN_STEP_SKEW_RATIO: Final = "llm.train.step.skew_ratio"
+"""observable gauge, unit 1: slowest / fastest rank step time - 1."""
+MEMORY_PEAK_ALLOCATED: Final = "llm.memory.peak_allocated"
+"""observable gauge, unit By: peak allocated bytes since the previous sampled step (CPU: peak RSS)."""
+MEMORY_PEAK_RESERVED: Final = "llm.memory.peak_reserved"
+"""observable gauge, unit By: peak bytes the CUDA caching allocator reserved since the previous sampled step."""
+
+STALL_SECONDS: Final = 600.0
+"""No optimizer step for this long fires the stalled-trainer alert."""
+SKEW_LIMIT: Final = 0.2
+"""The slowest rank taking this much longer per step than the fastest, for 10 minutes, warns."""
+
 # --- Pipeline self-observability -------------------------------------------
 
 TELEMETRY_SAMPLED_STEPS: Final = "llm.telemetry.sampled_steps"
@@ -237,6 +275,10 @@ STEP_DURATION_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0
 LOSS_TOKEN_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 HEAD_ENTROPY_BUCKETS: Final = (0.25, 0.5, 0.75, 1.0, 1.2, 1.5, 2.0, 3.0, 4.0, 6.0)
 OVERHEAD_BUCKETS: Final = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0)
+PHASE_BUCKETS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+"""Input wait and compute: from a prefetched batch (~1 ms) to a minute-long step."""
+CHECKPOINT_BUCKETS: Final = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+"""A checkpoint save: a small model's state dict to a sharded multi-terabyte save."""
 
 
 def _gauge(name: str, description: str, *, family: str, unit: str, anomaly: AnomalyProfile | None,
@@ -321,6 +363,43 @@ CATALOG: Final[tuple[MetricSpec, ...]] = (
            thresholds=(Threshold("warning", ">", 0.85, "memory pressure high"),
                        Threshold("critical", ">", 0.95, "memory nearly exhausted")),
            unit=DIMENSIONLESS, family="memory", anomaly=None),
+    MetricSpec(TRAIN_FLOPS, "counter", "{flop}",
+               "Model FLOPs executed, forward + backward (matmul and attention FLOPs as torch's FlopCounterMode "
+               "counts them, once per input shape; `analytic`: 6 x non-embedding parameters x tokens + attention "
+               "12 x layers x sequence x hidden x tokens when counting is impossible).",
+               attributes=(ATTR_FLOPS_METHOD,), family="flops"),
+    _gauge(TRAIN_MFU, "Model FLOPs utilisation since the previous sampled step: achieved FLOP/s over the device's "
+           "peak FLOP/s (table by device and dtype, or OTEL_LLM_PEAK_FLOPS); absent when the peak is unknown.",
+           unit=DIMENSIONLESS, family="flops", anomaly=None),
+    MetricSpec(TRAIN_INPUT_WAIT, "histogram", "s",
+               "Per step: from the end of optimizer.step() to the next training forward (waiting for the batch), "
+               "checkpoint saves excluded.", buckets=PHASE_BUCKETS, family="step_time"),
+    MetricSpec(TRAIN_COMPUTE, "histogram", "s",
+               "Per step: from its first training forward to the end of optimizer.step() (forward, backward, "
+               "optimizer), host time.", buckets=PHASE_BUCKETS, family="step_time"),
+    MetricSpec(TRAIN_CHECKPOINT, "histogram", "s",
+               "One checkpoint save (torch.save, torch.distributed.checkpoint save/async_save, save_pretrained, "
+               "Trainer checkpoints), outermost call only.", buckets=CHECKPOINT_BUCKETS, family="step_time"),
+    _gauge(TRAIN_GOODPUT, "Compute time over wall time since the previous sampled step (1: no time lost to input "
+           "or checkpoints).", unit=DIMENSIONLESS, family="step_time", anomaly=None),
+    _gauge(TRAIN_LAST_STEP, "Unix time of the last completed optimizer step (updated every step).", unit="s",
+           thresholds=(Threshold("critical", ">", STALL_SECONDS, "no optimizer step for 10 minutes",
+                                 statistic="age"),), family="step_time", anomaly=None),
+    _gauge(TRAIN_STEP_SLOWEST, "Mean step time (input wait + compute + saves) of the slowest data-parallel rank "
+           "since the previous sampled step (agreed in the sampling collective; adaptive sampling only; exported "
+           "by rank 0).", unit="s",
+           family="step_time", anomaly=None),
+    _gauge(TRAIN_STEP_FASTEST, "Mean step time of the fastest data-parallel rank since the previous sampled step.",
+           unit="s", family="step_time", anomaly=None),
+    _gauge(TRAIN_STEP_SKEW_RATIO, "Slowest over fastest rank step time, minus 1 (0: all ranks equally fast).",
+           thresholds=(Threshold("warning", ">", SKEW_LIMIT, "one rank is slower than the others",
+                                 for_duration="10m"),), unit=RATIO, family="step_time", anomaly=None),
+    _gauge(MEMORY_PEAK_ALLOCATED, "Peak allocated bytes since the previous sampled step: "
+           "torch.cuda.max_memory_allocated (then reset); CPU: peak RSS (VmHWM, then reset).",
+           attributes=(ATTR_DEVICE,), unit=BYTES, family="peak_memory", anomaly=None),
+    _gauge(MEMORY_PEAK_RESERVED, "Peak bytes reserved by the CUDA caching allocator since the previous sampled step "
+           "(torch.cuda.max_memory_reserved, then reset); CUDA only.", attributes=(ATTR_DEVICE,), unit=BYTES,
+           family="peak_memory", anomaly=None),
     MetricSpec(TELEMETRY_SAMPLED_STEPS, "counter", "{step}", "Steps on which the expensive signals were computed.",
                family="telemetry"),
     _gauge(TELEMETRY_SAMPLING_INTERVAL, "Current sampling interval.", unit="{step}", family="telemetry", anomaly=None),

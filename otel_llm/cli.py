@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from otel_llm.catalog import CATALOG
 from otel_llm.config import Config
 from otel_llm.ops import dashboard, kubernetes, plan, rules
-from otel_llm.ops.docs import config_table, metric_table, signal_guide, threshold_table
+from otel_llm.ops.docs import config_table, metric_table, peak_table, signal_guide, threshold_table
 
 __all__ = ["main"]
 
@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     catalog = commands.add_parser("catalog", help="print the metric catalog")
     catalog.add_argument("--format", choices=("table", "json", "markdown"), default="table")
     docs = commands.add_parser("docs", help="print a README section rendered from the code")
-    docs.add_argument("table", choices=("metrics", "thresholds", "config", "guide", "scale"))
+    docs.add_argument("table", choices=("metrics", "thresholds", "config", "guide", "scale", "peaks"))
     planned = commands.add_parser("plan", help="print the series a training job will export, per metric and in total")
     for option, help_text in (("--layers", "decoder layers"), ("--heads", "attention heads per layer"),
                               ("--ranks", "data-parallel ranks (world size)")):
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(_table())
     else:
         print({"metrics": metric_table, "thresholds": threshold_table, "config": config_table,
-               "guide": signal_guide, "scale": plan.scale_table}[args.table]())
+               "guide": signal_guide, "scale": plan.scale_table, "peaks": peak_table}[args.table]())
     return 0
 
 

@@ -131,6 +131,12 @@ def _non_negative_float(value: Any, name: str) -> float:
     raise ValueError(f"{name} must be a finite number >= 0, got {_shown(value)}")
 
 
+def _optional_positive_float(value: Any, name: str) -> float | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return _positive_float(value, name)
+
+
 def _fraction(value: Any, name: str) -> float:
     number = _positive_float(value, name)
     if number > 1:
@@ -362,6 +368,10 @@ class Config:
     activation_outlier_threshold: float = _option(
         env.OTEL_LLM_ACTIVATION_OUTLIER_THRESHOLD, _positive_float, 6.0,
         "A hidden dimension whose max abs reaches this is an outlier in `llm.activation.outlier_ratio`.")
+    peak_flops: float | None = _option(
+        env.OTEL_LLM_PEAK_FLOPS, _optional_positive_float, None,
+        "Peak FLOP/s of one device for `llm.train.mfu` (e.g. `989e12`); unset: the accelerator table (see "
+        "\"Throughput and goodput\"), and no MFU on devices it does not list.")
     shutdown_timeout: float = _option(
         env.OTEL_LLM_SHUTDOWN_TIMEOUT, _at_most(MAX_SECONDS, _positive_float), 2.0,
         "Upper bound in seconds on `shutdown()` and flushes.")

@@ -23,6 +23,7 @@ __all__ = [
     "OTEL_LLM_GRAD_SPARSITY_THRESHOLD",
     "OTEL_LLM_LAYERS_PATH",
     "OTEL_LLM_MLP_OUTPUT_PATH",
+    "OTEL_LLM_PEAK_FLOPS",
     "OTEL_LLM_SAMPLING",
     "OTEL_LLM_SAMPLING_GROWTH_STEPS",
     "OTEL_LLM_SAMPLING_INTERVAL",
@@ -122,6 +123,9 @@ OTEL_LLM_LAYERS_PATH: Final = "OTEL_LLM_LAYERS_PATH"
 
 OTEL_LLM_MLP_OUTPUT_PATH: Final = "OTEL_LLM_MLP_OUTPUT_PATH"
 """Sets :attr:`otel_llm.Config.mlp_output_path`."""
+
+OTEL_LLM_PEAK_FLOPS: Final = "OTEL_LLM_PEAK_FLOPS"
+"""Sets :attr:`otel_llm.Config.peak_flops`."""
 
 OTEL_LLM_ACTIVATION_SPARSITY_THRESHOLD: Final = "OTEL_LLM_ACTIVATION_SPARSITY_THRESHOLD"
 """Sets :attr:`otel_llm.Config.activation_sparsity_threshold`."""

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import threading
 import time
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
@@ -30,6 +32,9 @@ from torch.utils.hooks import RemovableHandle
 from otel_llm.catalog import (
     TELEMETRY_SAMPLING_INTERVAL,
     TRAIN_SKIPPED_STEPS,
+    TRAIN_STEP_FASTEST,
+    TRAIN_STEP_SKEW_RATIO,
+    TRAIN_STEP_SLOWEST,
     TRAIN_STEPS,
     MetricSpec,
 )
@@ -40,15 +45,17 @@ from otel_llm.pipeline.anomaly import make_monitor
 from otel_llm.pipeline.clock import StepClock
 from otel_llm.pipeline.publisher import Publisher
 from otel_llm.pipeline.sampler import SamplingInputs, make_sampler
-from otel_llm.pipeline.transfer import CounterPoint, HostStep, Publication, to_host
+from otel_llm.pipeline.transfer import CounterPoint, GaugePoints, HostStep, Publication, to_host
 from otel_llm.probes._deepspeed import UPDATE, initializing
 from otel_llm.probes._wrappers import innermost_optimizer
 from otel_llm.probes.base import StepValues, log_failure
 from otel_llm.probes.loss import TRAINING_STEP, LossProbe, inside_training_step
 from otel_llm.probes.optimizer import OptimizerProbe, parameter_device, trainable_params
 from otel_llm.probes.registry import build_probes
+from otel_llm.probes.step_time import StepTimeProbe
 from otel_llm.runtime import fork
 from otel_llm.runtime.log_once import once
+from otel_llm.runtime.rank import rank_info
 from otel_llm.runtime.termination import install_sigterm_handler
 from otel_llm.schema import load_schema
 from otel_llm.user_metrics import UserMetrics, as_number, describe, is_scalar
@@ -400,6 +407,7 @@ class Instrumentation:
             return
         now = time.perf_counter()
         with self._lock:
+            self._probes.end_step()
             try:
                 durations = self._clock.durations(now)
                 if self._clock.sampled:
@@ -414,23 +422,31 @@ class Instrumentation:
 
     # -- publishing -------------------------------------------------------------
     def _submit_counts(self, steps: int, durations: list[float]) -> None:
-        """Counters of a non-sampled step: a queue put; device counts are read off-thread."""
-        counters: list[CounterPoint] = list(self._probes.tally().counters)
+        """Counters of a non-sampled step, and its host timings: a queue put; device counts are read off-thread."""
+        tally = self._probes.tally()
+        counters: list[CounterPoint] = list(tally.counters)
         if steps:
             counters.insert(0, (TRAIN_STEPS, {}, steps))
-        if counters or durations:
+        histograms = [(h.name, h.attributes, h.values) for h in tally.histograms
+                      if isinstance(h.values, np.ndarray)]  # host values by contract
+        gauges: dict[str, GaugePoints] = {g.name: ((g.attributes, float(g.value)),) for g in tally.gauges}
+        if counters or durations or histograms or gauges:
             self._publisher.submit(Publication(step=self._clock.step, sampled=False, counters=counters,
-                                               durations=durations))
+                                               durations=durations, gauges=gauges, histograms=histograms))
 
     def _publish(self, optimizer: torch.optim.Optimizer, durations: list[float], started: float) -> None:
         """A sampled step: the probes' values and the sampling decision in one transfer, then a queue put."""
         values = self._probes.finish(optimizer)
         host = self._to_host(values, parameter_device(optimizer))
         sampler = self._clock.sampler
-        sampler.update(self._clock.step, SamplingInputs.decode(host.decision) if host.decision is not None
-                       else SamplingInputs())
+        inputs = SamplingInputs.decode(host.decision) if host.decision is not None else SamplingInputs()
+        sampler.update(self._clock.step, inputs)
         gauges = dict(host.gauges)
         gauges[TELEMETRY_SAMPLING_INTERVAL] = (({}, float(sampler.interval)),)
+        if inputs.fastest_step > 0 and rank_info().rank == 0:  # agreed, so one rank exports it, not every rank
+            gauges[TRAIN_STEP_SLOWEST] = (({}, inputs.slowest_step),)
+            gauges[TRAIN_STEP_FASTEST] = (({}, inputs.fastest_step),)
+            gauges[TRAIN_STEP_SKEW_RATIO] = (({}, inputs.slowest_step / inputs.fastest_step - 1.0),)
         publication = Publication(step=self._clock.step, sampled=True,
                                   counters=[(TRAIN_STEPS, {}, 1), *host.counters], durations=durations,
                                   gauges=gauges, histograms=host.histograms)
@@ -441,7 +457,9 @@ class Instrumentation:
     def _to_host(self, values: StepValues, device: torch.device) -> HostStep:
         """One transfer of the step's device values, with the cross-rank sampling decision when adaptive."""
         try:
-            decision = (SamplingInputs.encode(values, self._publisher.take_anomalies(), device)
+            step_time = self._probes.get(StepTimeProbe)
+            decision = (SamplingInputs.encode(values, self._publisher.take_anomalies(), device,
+                                              step_time.window_step_seconds if step_time is not None else math.nan)
                         if self._clock.sampler.adaptive else None)
             return to_host(values, decision)
         except Exception:  # noqa: BLE001 - the step's signals are lost; its host counts are not

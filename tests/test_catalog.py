@@ -44,6 +44,21 @@ CONTRACT = {
     "llm.telemetry.overhead": (H, "s", (), (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1)),
     "llm.telemetry.nonfinite": (C, "{event}", ("llm.signal",), None),
     "llm.anomaly.events": (C, "{event}", ("llm.signal",), None),
+    # throughput and goodput (issue 20; not in SIGNALS.md yet)
+    "llm.train.flops": (C, "{flop}", ("llm.flops.method",), None),
+    "llm.train.mfu": (G, "", (), None),
+    "llm.train.input_wait.duration": (H, "s", (), (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+                                                   30, 60)),
+    "llm.train.compute.duration": (H, "s", (), (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
+                                                60)),
+    "llm.train.checkpoint.duration": (H, "s", (), (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)),
+    "llm.train.goodput": (G, "", (), None),
+    "llm.train.last_step.timestamp": (G, "s", (), None),
+    "llm.train.step.slowest": (G, "s", (), None),
+    "llm.train.step.fastest": (G, "s", (), None),
+    "llm.train.step.skew_ratio": (G, "1", (), None),
+    "llm.memory.peak_allocated": (G, "By", ("llm.device",), None),
+    "llm.memory.peak_reserved": (G, "By", ("llm.device",), None),
 }
 
 
@@ -70,6 +85,10 @@ def test_prometheus_names_follow_the_contract():
     assert prom("llm.rope.angle_deviation") == "llm_rope_angle_deviation_rad"
     assert prom("llm.train.steps") == "llm_train_steps_total"
     assert prom("llm.telemetry.sampling_interval") == "llm_telemetry_sampling_interval"
+    assert prom("llm.train.flops") == "llm_train_flops_total"
+    assert prom("llm.train.last_step.timestamp") == "llm_train_last_step_timestamp_seconds"
+    assert prom("llm.memory.peak_allocated") == "llm_memory_peak_allocated_bytes"
+    assert prom("llm.train.step.skew_ratio") == "llm_train_step_skew_ratio"
 
 
 def test_thresholds_carry_the_contract_values():
@@ -81,6 +100,9 @@ def test_thresholds_carry_the_contract_values():
     assert thresholds["llm.lora.rank_activation_ratio"] == {("warning", ">", 0.9)}
     assert thresholds["llm.param.update_ratio"] == {("warning", ">", 1e-2)}
     assert thresholds["llm.telemetry.nonfinite"] == {("warning", "increase", 0.0)}
+    assert thresholds["llm.train.step.skew_ratio"] == {("warning", ">", 0.2)}
+    (stale,) = next(s for s in CATALOG if s.name == "llm.train.last_step.timestamp").thresholds
+    assert (stale.severity, stale.op, stale.value, stale.statistic) == ("critical", ">", 600.0, "age")
     entropy = next(s for s in CATALOG if s.name == "llm.attention.head_entropy").thresholds[0]
     assert (entropy.op, entropy.value, entropy.statistic, entropy.for_duration) == (">", 1.8, "p50 per layer", "3m")
 

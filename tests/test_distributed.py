@@ -115,6 +115,22 @@ def test_adaptive_sampling_takes_the_same_steps_on_every_rank(tmp_path):
     assert max(gaps_before) > 3, sampled  # the interval had grown before the spike
 
 
+def test_a_rank_that_sleeps_each_step_is_the_slowest_in_the_agreement(tmp_path):
+    finish(torchrun(2, str(WORKER), "slow", "--out", str(tmp_path), "--steps", "31", env=clean_env(), cwd=tmp_path))
+    fast, slow = results(tmp_path, 2)
+    assert fast["sampled"] == slow["sampled"] == [0, 10, 20, 30]
+    window = slice(21, 31)  # the last sampled step's window: steps 21..30
+    fast_mean = sum(fast["busy"][window]) / 10
+    slow_mean = sum(slow["busy"][window]) / 10
+    gauges = fast["gauges"]  # rank 0 exports the agreed values
+    assert gauges["llm.train.step.slowest"] == pytest.approx(slow_mean, rel=0.1)
+    assert gauges["llm.train.step.fastest"] == pytest.approx(fast_mean, rel=0.1, abs=0.003)
+    assert gauges["llm.train.step.skew_ratio"] == pytest.approx(
+        gauges["llm.train.step.slowest"] / gauges["llm.train.step.fastest"] - 1)
+    assert gauges["llm.train.step.skew_ratio"] > 0.2  # the skew alert's bound
+    assert "llm.train.step.slowest" not in slow["gauges"]  # one rank exports what every rank knows
+
+
 def scrape_until(url: str, pattern: str, timeout: float = 30) -> str:
     deadline = time.monotonic() + timeout
     body = ""

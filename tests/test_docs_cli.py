@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from otel_llm.catalog import CATALOG
-from otel_llm.ops.docs import config_table, metric_table, signal_guide, threshold_table
+from otel_llm.ops.docs import config_table, metric_table, peak_table, signal_guide, threshold_table
 from otel_llm.ops.plan import scale_table
 from otel_llm.ops.rules import alerts
 
@@ -20,7 +20,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 @pytest.mark.parametrize("marker, render", [("metric-table", metric_table), ("config-table", config_table),
                                             ("threshold-table", threshold_table), ("signal-guide", signal_guide),
-                                            ("scale-table", scale_table)])
+                                            ("scale-table", scale_table), ("peak-table", peak_table)])
 def test_readme_tables_match_the_code(marker, render):
     text = README.read_text(encoding="utf-8")
     match = re.search(rf"<!-- {marker}:start -->\n(.*?)\n<!-- {marker}:end -->", text, re.S)

@@ -29,6 +29,9 @@ UNITS = {
     "llm.kv_cache.hits": "count:tokens/s", "llm.kv_cache.lookups": "count:tokens/s",
     "llm.telemetry.sampled_steps": "count:steps/s", "llm.telemetry.sampling_interval": "count:steps",
     "llm.telemetry.nonfinite": "count:events/s", "llm.anomaly.events": "count:events/s",
+    "llm.train.flops": "flops", "llm.train.input_wait.duration": "s", "llm.train.compute.duration": "s",
+    "llm.train.checkpoint.duration": "s", "llm.train.last_step.timestamp": "s", "llm.train.step.slowest": "s",
+    "llm.train.step.fastest": "s", "llm.memory.peak_allocated": "bytes", "llm.memory.peak_reserved": "bytes",
 }
 
 

@@ -148,6 +148,25 @@ def increase_group(spec: MetricSpec, alert: rules.Alert) -> dict[str, Any]:
             "alert_rule_test": alert_tests([alert], expect, set(firing))}
 
 
+def age_group(spec: MetricSpec, alert: rules.Alert) -> dict[str, Any]:
+    """A trainer that keeps stepping (its timestamp follows the clock) and one that stops at minute 5."""
+    t_ = alert.threshold
+    stop = 5
+    cases = {"stepping": f"0+60x{SAMPLES - 1}", "stopped": f"0+60x{stop} {stop * 60}x{SAMPLES - 1 - stop}"}
+    labels = {case: {**PROCESS, **attribute_labels(spec), "case": case} for case in cases}
+    input_series = [{"series": series(series_name(spec), labels[case]), "values": values}
+                    for case, values in cases.items()]
+    first = next(t for t in range(SAMPLES) if OPS[t_.op](60 * (t - stop), t_.value))  # age = now - last step
+    fires = first + hold(t_)
+    assert fires < SAMPLES
+
+    def expect(a: rules.Alert, t: int) -> list[dict[str, Any]]:
+        return [expected_alert(a, labels["stopped"], 60.0 * (t - stop))] if t >= fires else []
+
+    return {"interval": "1m", "input_series": input_series,
+            "alert_rule_test": alert_tests([alert], expect, {fires - 1, fires})}
+
+
 def unit_test_file(rules_path: Path) -> dict[str, Any]:
     groups = []
     for spec in CATALOG:
@@ -158,6 +177,8 @@ def unit_test_file(rules_path: Path) -> dict[str, Any]:
         for alert in spec_alerts:
             if alert.threshold.op == "increase":
                 groups.append(increase_group(spec, alert))
+            elif alert.threshold.statistic == "age":
+                groups.append(age_group(spec, alert))
             elif alert.threshold.statistic != "value":
                 groups.append(quantile_group(spec, alert))
     return {"rule_files": [str(rules_path)], "evaluation_interval": "1m", "tests": groups}

@@ -112,8 +112,20 @@ def test_back_off_and_plateau_compound_but_never_pass_the_maximum():
 
 
 def test_inputs_decode_from_the_agreed_vector():
-    decoded = SamplingInputs.decode(torch.tensor([-math.inf, 1.0, 0.0, 0.5], dtype=torch.float64).numpy())
+    decoded = SamplingInputs.decode(torch.tensor([-math.inf, 1.0, 0.0, 0.5, 0.3, -0.1],
+                                                 dtype=torch.float64).numpy())
     assert math.isnan(decoded.loss) and decoded.nonfinite and not decoded.anomaly and decoded.memory_pressure == 0.5
+    assert (decoded.slowest_step, decoded.fastest_step) == (0.3, 0.1)  # MAX of t and of -t
+
+
+def test_step_times_unknown_on_every_rank_decode_as_nan():
+    from otel_llm.probes.base import StepValues
+
+    vector = SamplingInputs.encode(StepValues(), 0, torch.device("cpu"))
+    decoded = SamplingInputs.decode(vector.numpy())
+    assert math.isnan(decoded.slowest_step) and math.isnan(decoded.fastest_step)
+    timed = SamplingInputs.decode(SamplingInputs.encode(StepValues(), 0, torch.device("cpu"), 0.25).numpy())
+    assert (timed.slowest_step, timed.fastest_step) == (0.25, 0.25)
 
 
 @pytest.mark.parametrize("kwargs", [dict(min_interval=0), dict(min_interval=20, max_interval=10),

@@ -4,7 +4,9 @@ Gauges are drawn as they are, with the catalog thresholds as coloured lines;
 counters as per-second rates; histograms as p50/p90/p99. A histogram kept per
 layer also gets a heatmap repeated for each layer and, when a threshold
 watches one of its quantiles, that quantile per layer. The KV hit-ratio panel
-shows rate(hits) / rate(lookups) beside the sliding-window gauge.
+shows rate(hits) / rate(lookups) beside the sliding-window gauge. A timestamp
+gauge with an age threshold is drawn as its age (``time() - series``). The
+throughput families get their own row, "Throughput and goodput".
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from otel_llm.catalog import (
     Threshold,
     by_name,
 )
-from otel_llm.ops.promql import GROUP_LABELS, Quantile, label, parse_statistic, quantile_expr, series_name
+from otel_llm.ops.promql import AGE, GROUP_LABELS, Quantile, label, parse_statistic, quantile_expr, series_name
 
 __all__ = ["SCHEMA_VERSION", "UID", "dashboard", "grafana_unit", "render"]
 
@@ -37,7 +39,7 @@ _DATASOURCE: Final = {"type": "prometheus", "uid": "${datasource}"}
 _SELECTOR: Final = 'job=~"$job", llm_rank=~"$rank"'
 _LEGEND: Final = "{{job}} rank {{llm_rank}}"
 _QUANTILES: Final = (0.5, 0.9, 0.99)
-_UNITS: Final = {"": "none", "1": "none", NATS: "none", "s": "s", "rad": "radian"}
+_UNITS: Final = {"": "none", "1": "none", NATS: "none", "s": "s", "rad": "radian", "By": "bytes"}
 _RATIOS: Final = {KV_CACHE_HIT_RATIO: (KV_CACHE_HITS, KV_CACHE_LOOKUPS)}
 """Gauges that are a ratio of two counters: their panel also plots rate(numerator) / rate(denominator)."""
 _ROWS: Final = {
@@ -47,12 +49,19 @@ _ROWS: Final = {
     "rope": "Activations, LoRA and RoPE", "kv_cache": "KV cache and memory", "memory": "KV cache and memory",
     "telemetry": "Telemetry pipeline", "anomaly": "Telemetry pipeline",
 }
+_FAMILY_ROWS: Final = {"flops": "Throughput and goodput", "step_time": "Throughput and goodput"}
+"""Rows chosen by the producing family before the name's second word (``llm.train.mfu`` is no plain training metric)."""
 _COLORS: Final = {None: "green", "warning": "orange", "critical": "red"}
 _WIDTH, _HEIGHT, _GRID = 8, 8, 24
 
 
 def grafana_unit(unit: str, per_second: bool = False) -> str:
-    """Grafana's unit id for a catalog unit (``{token}`` counts as ``count:tokens``, nats as a plain number)."""
+    """Grafana's unit id for a catalog unit (``{token}`` counts as ``count:tokens``, nats as a plain number).
+
+    A rate of ``{flop}`` is Grafana's own FLOP/s unit, which scales to TFLOP/s.
+    """
+    if unit == "{flop}" and per_second:
+        return "flops"
     if unit.startswith("{") and unit != NATS:
         return f"count:{unit.strip('{}')}s" + ("/s" if per_second else "")
     if per_second:
@@ -113,7 +122,15 @@ def _title(spec: MetricSpec, what: str = "") -> str:
     return f"{spec.name}{number}{' ' + what if what else ''}"
 
 
+def _age_panel(spec: MetricSpec) -> dict[str, Any]:
+    expr = f"time() - {series_name(spec)}{{{_SELECTOR}}}"
+    watched = [t for t in spec.thresholds if t.statistic == AGE]
+    return _timeseries(_title(spec, "age"), spec, grafana_unit(spec.unit), [_target(expr, _LEGEND, "A")], watched)
+
+
 def _gauge_panel(spec: MetricSpec) -> dict[str, Any]:
+    if any(t.statistic == AGE for t in spec.thresholds):
+        return _age_panel(spec)
     targets = [_target(f"{series_name(spec)}{{{_SELECTOR}}}", _legend(spec.attributes), "A")]
     if spec.name in _RATIOS:
         numerator, denominator = (series_name(by_name(n)) for n in _RATIOS[spec.name])
@@ -204,7 +221,8 @@ def dashboard() -> dict[str, Any]:
     rows: dict[str, list[dict[str, Any]]] = {}
     for spec in CATALOG:
         family = spec.name.split(".")[1]
-        rows.setdefault(_ROWS.get(family, family.capitalize()), []).extend(_panels(spec))
+        row = _FAMILY_ROWS.get(spec.family) or _ROWS.get(family, family.capitalize())
+        rows.setdefault(row, []).extend(_panels(spec))
     steps = series_name(by_name(TRAIN_STEPS))
     variables = [
         {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",

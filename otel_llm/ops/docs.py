@@ -6,8 +6,9 @@ from otel_llm.catalog import CATALOG, prometheus_name
 from otel_llm.config import options
 from otel_llm.ops import rules
 from otel_llm.ops.runbooks import RUNBOOKS
+from otel_llm.probes._peak_flops import peak_table
 
-__all__ = ["config_table", "metric_table", "signal_guide", "threshold_table"]
+__all__ = ["config_table", "metric_table", "peak_table", "signal_guide", "threshold_table"]
 
 _DIRECTION = {">": "high", ">=": "high", "<": "low", "<=": "low", "increase": "increasing"}
 

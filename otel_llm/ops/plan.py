@@ -19,12 +19,16 @@ from typing import Final
 
 from otel_llm.catalog import (
     ATTR_DEVICE,
+    ATTR_FLOPS_METHOD,
     ATTR_LAYER,
     ATTR_PARAM_GROUP,
     ATTR_SIGNAL,
     CATALOG,
     GRAD_SPARSITY,
+    MEMORY_PEAK_RESERVED,
+    TRAIN_CHECKPOINT,
     TRAIN_LEARNING_RATE,
+    TRAIN_MFU,
     TRAIN_SKIPPED_STEPS,
     MetricSpec,
 )
@@ -45,6 +49,9 @@ _ABSENT_IN_TRAINING: Final = ("kv_cache",)
 """Families that appear only when a KV cache is used (generation, serving), never in a training step."""
 _ONLY_ON_FAULTS: Final = (TRAIN_SKIPPED_STEPS,)
 """Series that appear only once something went wrong (an update DeepSpeed skipped): not in the plan."""
+_RUN_DEPENDENT: Final = (TRAIN_MFU, TRAIN_CHECKPOINT, MEMORY_PEAK_RESERVED)
+"""Series that depend on the hardware and the script, not the shape: MFU (a known peak FLOP/s), checkpoint
+saves (a save), reserved bytes (CUDA). Not in the plan: at most three series more per rank."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,8 @@ def attribute_values(spec: MetricSpec, attribute: str, shape: Shape) -> int:
         return shape.layers
     if attribute == ATTR_DEVICE:
         return 1  # one accelerator (or the CPU) per rank
+    if attribute == ATTR_FLOPS_METHOD:
+        return 1  # counted, or analytic where counting failed
     if attribute == ATTR_SIGNAL:
         return 0  # event counters: a series appears with the first event of a signal
     if (spec.name, attribute) == (GRAD_SPARSITY, ATTR_PARAM_GROUP):
@@ -119,7 +128,7 @@ def attribute_values(spec: MetricSpec, attribute: str, shape: Shape) -> int:
 
 
 def _attribute_sets(spec: MetricSpec, shape: Shape) -> int:
-    if (spec.family in _ABSENT_IN_TRAINING or spec.name in _ONLY_ON_FAULTS
+    if (spec.family in _ABSENT_IN_TRAINING or spec.name in _ONLY_ON_FAULTS or spec.name in _RUN_DEPENDENT
             or (spec.family == "lora" and not shape.lora)):
         return 0
     sets = 1

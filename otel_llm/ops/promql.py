@@ -15,6 +15,7 @@ from typing import Final
 from otel_llm.catalog import MetricSpec, prometheus_name
 
 __all__ = [
+    "AGE",
     "GROUP_LABELS",
     "Quantile",
     "label",
@@ -25,6 +26,9 @@ __all__ = [
 
 GROUP_LABELS: Final = ("job", "llm_rank")
 """Labels that tell one training process from another; aggregations keep them."""
+
+AGE: Final = "age"
+"""Threshold statistic of a timestamp gauge: seconds since it, ``time() - series``."""
 
 _QUANTILE = re.compile(r"p(\d+(?:\.\d+)?)(?: per (\w+))?")
 
@@ -52,11 +56,15 @@ class Quantile:
 
 
 def parse_statistic(spec: MetricSpec, statistic: str) -> Quantile | None:
-    """None for ``value`` (compare the series itself); a :class:`Quantile` for ``p50 per layer``.
+    """None for ``value`` (compare the series) and :data:`AGE`; a :class:`Quantile` for ``p50 per layer``.
 
     Raises ValueError for anything else, so a new kind of threshold cannot be skipped silently.
     """
     if statistic == "value":
+        return None
+    if statistic == AGE:
+        if spec.instrument not in ("gauge", "observable_gauge") or spec.unit != "s":
+            raise ValueError(f"{spec.name}: {AGE!r} needs a gauge of Unix time in seconds")
         return None
     match = _QUANTILE.fullmatch(statistic)
     if match is None or spec.instrument != "histogram":

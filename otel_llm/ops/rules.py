@@ -4,7 +4,8 @@ Each :class:`~otel_llm.catalog.Threshold` becomes one alert labelled with its
 severity; thresholds of one signal in one direction share an alert name, so an
 Alertmanager inhibit rule on ``alertname`` can silence the warning while the
 critical alert fires. A quantile statistic (``p50 per layer``) is first
-recorded, then compared. ``increase`` also fires when a counter series first
+recorded, then compared; ``age`` compares the time since a timestamp gauge
+(``time() - series``: the stalled-trainer alert). ``increase`` also fires when a counter series first
 appears: the SDK creates a counter's series at its first increment, so a first
 NaN would otherwise never show up as an increase.
 
@@ -22,7 +23,7 @@ from typing import Any, Final
 import yaml
 
 from otel_llm.catalog import ATTR_LAYER, CATALOG, MetricSpec, Threshold
-from otel_llm.ops.promql import Quantile, label, parse_statistic, quantile_expr, series_name
+from otel_llm.ops.promql import AGE, Quantile, label, parse_statistic, quantile_expr, series_name
 from otel_llm.ops.runbooks import RUNBOOKS
 
 __all__ = ["DEFAULT_FOR", "GROUP", "RANK_AGGREGATE_BY", "WINDOW", "Alert", "alert_name", "alerts", "groups",
@@ -41,8 +42,13 @@ _VALUE: Final = '{{ $value | printf "%.4g" }}'
 
 
 def alert_name(spec: MetricSpec, threshold: Threshold) -> str:
-    """``LlmMemoryPressureHigh``: the signal in CamelCase and the direction that fires."""
+    """``LlmMemoryPressureHigh``: the signal in CamelCase and the direction that fires.
+
+    An age threshold on a timestamp reads ``LlmTrainLastStepStale``.
+    """
     words = spec.name.removeprefix("llm.").replace(".", "_").split("_")
+    if threshold.statistic == AGE:
+        return "Llm" + "".join(word.capitalize() for word in words if word != "timestamp") + "Stale"
     return "Llm" + "".join(word.capitalize() for word in words) + _DIRECTION[threshold.op]
 
 
@@ -89,7 +95,10 @@ def _alert(spec: MetricSpec, threshold: Threshold) -> Alert:
     else:
         hold = threshold.for_duration or DEFAULT_FOR[threshold.severity]
         condition = f"{threshold.severity} when {threshold.op} {threshold.value:g}" + (f" for {hold}" if hold else "")
-        if quantile is None:
+        if threshold.statistic == AGE:
+            expr = f"time() - {series} {threshold.op} {threshold.value!r}"
+            description = f"The last update of {series} is {_VALUE} s old ({condition}): {threshold.reason}."
+        elif quantile is None:
             expr = f"{series} {threshold.op} {threshold.value!r}"
             description = f"{series} is {_VALUE} ({condition}): {threshold.reason}."
         else:

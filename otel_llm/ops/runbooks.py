@@ -35,6 +35,16 @@ RUNBOOKS: Final[dict[str, str]] = {
         "Device memory is nearly full: reduce the micro-batch size or sequence length, enable activation "
         "checkpointing, or look for a leak if pressure grows with the step count; at critical an OOM is "
         "imminent."),
+    "LlmTrainLastStepStale": (
+        "No optimizer step completed for 10 minutes while the process still serves metrics: the trainer is stuck "
+        "(a hung collective on some rank, a dead DataLoader worker, a deadlock) or in a long evaluation or "
+        "checkpoint; compare llm_train_last_step_timestamp_seconds across ranks (the rank that stopped first is "
+        "the suspect), then py-spy dump the processes."),
+    "LlmTrainStepSkewRatioHigh": (
+        "The slowest data-parallel rank has taken over 20% longer per step than the fastest for 10 minutes, and "
+        "every rank waits for it at each all-reduce: find it in llm_train_step_duration_seconds by rank, then "
+        "check that host (thermal throttling, a noisy neighbour, a slow disk or input pipeline: "
+        "llm_train_input_wait_duration_seconds)."),
     "LlmTelemetryNonfiniteIncreasing": (
         "The signal in llm_signal came out NaN/Inf and was counted instead of exported: for llm.train.loss or "
         "llm.grad.norm the run has likely diverged; check the learning rate, AMP loss scaling and the data "

@@ -5,7 +5,8 @@ thread records counters and histograms and swaps in the new :class:`Snapshot`
 that observable-gauge callbacks read. NaN/Inf never reach the SDK: they are
 dropped, and ``llm.telemetry.nonfinite{llm.signal}`` counts one event per
 signal per sampled step that had any, gauge or histogram, whatever the number
-of layers or measurements affected. KV-cache updates are recorded as they come
+of layers or measurements affected. A gauge that non-sampled steps carry too
+(the last step's time) is read from its latest step, not the latest sample. KV-cache updates are recorded as they come
 (generation has no steps), with the sliding-window hit ratio (#16). Every
 sampled step's gauges, non-finite ones included, go to the anomaly detector;
 each anomaly adds to ``llm.anomaly.events{llm.signal}``, logs one warning and
@@ -122,6 +123,8 @@ class Publisher:
     def __init__(self, meter: Meter, anomalies: AnomalyMonitor | None = None,
                  on_anomaly: AnomalySink | None = None) -> None:
         self._snapshot = Snapshot()
+        self._every_step: dict[str, tuple[tuple[Mapping[str, str], float], ...]] = {}
+        """Gauges that non-sampled steps carry too (the last step's time): their latest value, read first."""
         self._anomalies = anomalies
         self._on_anomaly = on_anomaly
         self._flagged = 0
@@ -145,7 +148,8 @@ class Publisher:
             if name == KV_CACHE_HIT_RATIO:
                 ratio = self._kv.ratio()
                 return [] if ratio is None else [Observation(ratio)]
-            return [Observation(value, attributes) for attributes, value in self._snapshot.gauges.get(name, ())]
+            points = self._every_step.get(name) or self._snapshot.gauges.get(name, ())
+            return [Observation(value, attributes) for attributes, value in points]
 
         return callback
 
@@ -223,9 +227,6 @@ class Publisher:
                 sync[name](count, attributes)
         for duration in publication.durations:
             sync[TRAIN_STEP_DURATION](duration, {})
-        if not publication.sampled:
-            return
-        sync[TELEMETRY_SAMPLED_STEPS](1, {})
         nonfinite: set[str] = set()  # once per signal, however many of its layers or measurements
         for name, attributes, measurements in publication.histograms:
             instrument = sync.get(name)
@@ -238,6 +239,12 @@ class Publisher:
                 instrument(value, attributes)
         for name in nonfinite:
             self.count_nonfinite(name)
+        for name, points in publication.gauges.items():  # gauges of every step: no SDK call, a dict entry
+            if not publication.sampled or name in self._every_step:
+                self._every_step[name] = tuple((a, float(v)) for a, v in points if math.isfinite(v))
+        if not publication.sampled:
+            return
+        sync[TELEMETRY_SAMPLED_STEPS](1, {})
         if publication.overhead is not None:
             sync[TELEMETRY_OVERHEAD](publication.overhead, {})
         self._snapshot = Snapshot(self._finite_gauges(publication))

@@ -7,10 +7,11 @@ data-parallel rank therefore samples the same steps and no rank ever enters a
 telemetry collective the others skip.
 
 The agreement: every rank encodes [loss, non-finite flag, anomaly flag, memory
-pressure] of its sampled step into a device vector (:meth:`SamplingInputs.encode`);
-one MAX all-reduce makes it equal everywhere, and the vector then rides along
-in the step's single device-to-host transfer, so agreeing costs no extra sync;
-:meth:`SamplingInputs.decode` reads it back.
+pressure, step time, -step time] of its sampled step into a device vector
+(:meth:`SamplingInputs.encode`); one MAX all-reduce makes it equal everywhere,
+and the vector then rides along in the step's single device-to-host transfer,
+so agreeing costs no extra sync; :meth:`SamplingInputs.decode` reads it back.
+The last two give the slowest and the fastest rank's step time for free.
 """
 
 from __future__ import annotations
@@ -38,16 +39,21 @@ class SamplingInputs:
     """What a sampled step tells the adaptive policy, already agreed across ranks.
 
     ``loss`` is the largest finite per-rank loss (NaN when none is known),
-    ``memory_pressure`` the largest per-rank pressure (0 when unknown).
+    ``memory_pressure`` the largest per-rank pressure (0 when unknown);
+    ``slowest_step`` / ``fastest_step`` the largest / smallest per-rank mean step
+    time (NaN when no rank knows one).
     """
 
     loss: float = math.nan
     nonfinite: bool = False
     anomaly: bool = False
     memory_pressure: float = 0.0
+    slowest_step: float = math.nan
+    fastest_step: float = math.nan
 
     @staticmethod
-    def encode(values: StepValues, anomalies: int, device: torch.device) -> torch.Tensor:
+    def encode(values: StepValues, anomalies: int, device: torch.device,
+               step_seconds: float = math.nan) -> torch.Tensor:
         """This rank's inputs as a vector on ``device``, all-reduced (MAX) across data-parallel ranks."""
         loss = _on_device(values.first(TRAIN_LOSS), device)
         norm = _on_device(values.first(GRAD_NORM), device)
@@ -60,7 +66,10 @@ class SamplingInputs:
         else:
             agreed_loss = torch.where(torch.isfinite(loss), loss, float("-inf"))
         pressure = values.first(MEMORY_PRESSURE)
-        flags = torch.tensor([float(anomalies > 0), float(pressure or 0.0)], dtype=torch.float64).to(device)
+        known = math.isfinite(step_seconds)
+        flags = torch.tensor([float(anomalies > 0), float(pressure or 0.0),
+                              step_seconds if known else -math.inf, -step_seconds if known else -math.inf],
+                             dtype=torch.float64).to(device)
         vector = torch.cat([agreed_loss.reshape(1), nonfinite.double().reshape(1), flags])
         if data_parallel_world() > 1:
             import torch.distributed as dist
@@ -71,8 +80,10 @@ class SamplingInputs:
     @classmethod
     def decode(cls, vector: np.ndarray) -> SamplingInputs:
         """The agreed inputs from the host copy of :meth:`encode`'s vector (-inf loss: none finite)."""
-        loss, nonfinite, anomaly, pressure = (float(v) for v in vector[:4])
-        return cls(loss if math.isfinite(loss) else math.nan, nonfinite > 0, anomaly > 0, max(pressure, 0.0))
+        loss, nonfinite, anomaly, pressure, slowest, negated_fastest = (float(v) for v in vector[:6])
+        return cls(loss if math.isfinite(loss) else math.nan, nonfinite > 0, anomaly > 0, max(pressure, 0.0),
+                   slowest if math.isfinite(slowest) else math.nan,
+                   -negated_fastest if math.isfinite(negated_fastest) else math.nan)
 
 
 def _on_device(value: torch.Tensor | float | None, device: torch.device) -> torch.Tensor | None:

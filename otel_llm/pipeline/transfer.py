@@ -75,7 +75,7 @@ def to_host(values: StepValues, decision: torch.Tensor | None = None) -> HostSte
     packer = _Packer()
     gauge_slots = [packer.add(g.value) if isinstance(g.value, torch.Tensor) else None for g in values.gauges]
     histogram_slots = [(packer.add(h.values), packer.add(h.keep) if h.keep is not None else None)
-                       for h in values.histograms]
+                       if isinstance(h.values, torch.Tensor) else (None, None) for h in values.histograms]
     counter_slots = [packer.add(c.value) if isinstance(c.value, torch.Tensor) else None for c in values.counters]
     decision_slot = packer.add(decision) if decision is not None else None
     host = transfer(packer.tensors)
@@ -86,6 +86,9 @@ def to_host(values: StepValues, decision: torch.Tensor | None = None) -> HostSte
         gauges.setdefault(gauge.name, []).append((gauge.attributes, value))
     histograms: list[HistogramPoints] = []
     for histogram, (slot, keep_slot) in zip(values.histograms, histogram_slots):
+        if slot is None:  # measured on the host
+            histograms.append((histogram.name, histogram.attributes, np.asarray(histogram.values, np.float64)))
+            continue
         measurements = host[slot]
         if keep_slot is not None:
             measurements = measurements[host[keep_slot] > 0]

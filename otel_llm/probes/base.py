@@ -13,10 +13,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
+import numpy as np
 import torch
 from torch.utils.hooks import RemovableHandle
 
 from otel_llm.catalog import family_signals
+from otel_llm.probes._flop_count import run_uncounted
 from otel_llm.probes.interception import Interception, Patch
 from otel_llm.runtime.log_once import once
 
@@ -58,8 +60,8 @@ class Gauge(NamedTuple):
 class Histogram(NamedTuple):
     name: str
     attributes: Attributes
-    values: torch.Tensor
-    """1-D measurements."""
+    values: torch.Tensor | np.ndarray
+    """1-D measurements: on the device, or a float64 array already on the host (no transfer)."""
     keep: torch.Tensor | None
     """1-D bool: which measurements are real (None: all)."""
 
@@ -82,7 +84,7 @@ class StepValues:
     def gauge(self, name: str, value: torch.Tensor | float, attributes: Attributes | None = None) -> None:
         self.gauges.append(Gauge(name, attributes or {}, value))
 
-    def histogram(self, name: str, values: torch.Tensor, attributes: Attributes | None = None,
+    def histogram(self, name: str, values: torch.Tensor | np.ndarray, attributes: Attributes | None = None,
                   keep: torch.Tensor | None = None) -> None:
         self.histograms.append(Histogram(name, attributes or {}, values, keep))
 
@@ -118,7 +120,8 @@ class Probe:
     - per step, :meth:`begin_step` before the forward pass with the sampling decision,
       :meth:`before_update` at optimizer pre-step on sampled steps and the steps just
       before them (gradients are final there), and :meth:`finish` after the update of
-      a sampled step; :meth:`tally` on every step for probes that count every step;
+      a sampled step; :meth:`end_step` when an update completes, then :meth:`tally` on every
+      step for probes that count every step;
     - :meth:`reset` drops a step's partial state after a failure.
 
     Hooks must only bookkeep on non-sampled steps, never synchronise host and
@@ -229,8 +232,15 @@ class Probe:
         """The sampled step's values (after the update); also clears the step's state."""
         return StepValues()
 
+    def end_step(self) -> None:
+        """An optimizer update completed (every step, before its values are read); flushes never call it."""
+
     def tally(self) -> StepValues:
-        """Counters of the step just ended, sampled or not (probes with :attr:`every_step`)."""
+        """Values of the step just ended, sampled or not (probes with :attr:`every_step`).
+
+        Counters may be device counts; histograms and gauges must be host values
+        (NumPy arrays, numbers): a non-sampled step publishes them without a transfer.
+        """
         return StepValues()
 
     def reset(self) -> None:
@@ -244,6 +254,7 @@ class Probe:
         dropped and the probe sits out the rest of the step (a half-measured step is
         never published); the next :meth:`begin_step` brings it back. The wrapper
         returns None, so a hook can never replace a module's inputs or output.
+        While a FLOP count is in progress the hook's own FLOPs are left out of it.
         On sampled steps the hook's host time is added to :attr:`host_seconds`, the
         training thread's share of ``llm.telemetry.overhead`` (not under
         torch.compile tracing, where reading a clock would break the graph).
@@ -256,7 +267,7 @@ class Probe:
             timed = self.sampled and not torch.compiler.is_compiling()
             started = time.perf_counter() if timed else 0.0
             try:
-                hook(*args)
+                run_uncounted(hook, args)
             except Exception:  # noqa: BLE001 - never raise into the training loop
                 log_failure(self.name)
                 self.reset()

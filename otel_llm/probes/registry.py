@@ -14,12 +14,15 @@ import torch
 from otel_llm.probes.activations import ActivationProbe
 from otel_llm.probes.attention import AttentionProbe
 from otel_llm.probes.base import Probe, StepPlan, StepValues, is_compiled, log_failure
+from otel_llm.probes.flops import FlopProbe
 from otel_llm.probes.kv_cache import KvCacheListener, KvCacheProbe
 from otel_llm.probes.lora import LoraProbe
 from otel_llm.probes.loss import LossProbe
 from otel_llm.probes.memory import MemoryProbe
 from otel_llm.probes.optimizer import OptimizerProbe
+from otel_llm.probes.peak_memory import PeakMemoryProbe
 from otel_llm.probes.rope import RopeProbe
+from otel_llm.probes.step_time import StepTimeProbe
 from otel_llm.probes.tokens import TokenProbe
 
 if TYPE_CHECKING:
@@ -30,7 +33,7 @@ __all__ = ["PROBES", "Probes", "build_probes"]
 P = TypeVar("P", bound=Probe)
 
 PROBES: tuple[type[Probe], ...] = (OptimizerProbe, LossProbe, AttentionProbe, RopeProbe, ActivationProbe, LoraProbe,
-                                   MemoryProbe, KvCacheProbe, TokenProbe)
+                                   MemoryProbe, PeakMemoryProbe, KvCacheProbe, TokenProbe, FlopProbe, StepTimeProbe)
 """In the order their values are published."""
 
 
@@ -104,6 +107,11 @@ class Probes:
             values.extend(self._run(probe, lambda p: p.finish(optimizer)) or StepValues())
         values.extend(self.tally())
         return values
+
+    def end_step(self) -> None:
+        """An update completed: probes close their per-step accounting (before finish or tally reads it)."""
+        for probe in self._all:
+            self._run(probe, lambda p: p.end_step())
 
     def tally(self) -> StepValues:
         values = StepValues()

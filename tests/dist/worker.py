@@ -201,15 +201,44 @@ def run_adaptive(args: argparse.Namespace, rank: int, world: int) -> dict:
     return {"sampled": sampled, "losses": losses}
 
 
+def run_slow_rank(args: argparse.Namespace, rank: int, world: int) -> dict:
+    """Separate models; rank 1's input takes 50 ms longer per step. Each rank times its own steps."""
+    torch.manual_seed(rank)
+    model = GPT(vocab=VOCAB)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    reader = InMemoryMetricReader()
+    updated: list[float] = []  # the end of each update, before otel_llm's own hook publishes it
+    optimizer.register_step_post_hook(lambda *_: updated.append(time.perf_counter()))
+    config = otel_llm.Config(exporters="none", sampling="adaptive", sampling_warmup=0, sampling_min_interval=10)
+    session = otel_llm.Instrumentation(model, optimizer, config=config, extra_readers=[reader])
+    sampled, busy = [], []
+    for step in range(args.steps):
+        if session.sampled:
+            sampled.append(step)
+        started = time.perf_counter()
+        if rank == 1:
+            time.sleep(0.05)  # a slow input pipeline on rank 1 only
+        idx = batch(step, rank)
+        model(idx, idx)[1].backward()
+        optimizer.step()
+        busy.append(updated[-1] - started)  # input + compute, without otel_llm's publishing
+        optimizer.zero_grad()
+    assert session.flush(5.0)
+    result = {"sampled": sampled, "busy": busy, "gauges": gauges(reader)}
+    session.shutdown()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("ddp", "fsdp", "export", "dies", "adaptive"))
+    parser.add_argument("mode", choices=("ddp", "fsdp", "export", "dies", "adaptive", "slow"))
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
     dist.init_process_group("gloo", timeout=timedelta(seconds=20))
     rank, world = dist.get_rank(), dist.get_world_size()
-    result = {"ddp": run_ddp, "fsdp": run_fsdp, "export": run_export, "dies": run_dies, "adaptive": run_adaptive}[args.mode](args, rank, world)
+    result = {"ddp": run_ddp, "fsdp": run_fsdp, "export": run_export, "dies": run_dies, "adaptive": run_adaptive,
+              "slow": run_slow_rank}[args.mode](args, rank, world)
     result.update(rank=rank, world=world, local_rank=int(os.environ["LOCAL_RANK"]))
     (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()

@@ -10,12 +10,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 Series = tuple[str, frozenset[tuple[str, str]]]
 
-TIMING_SERIES = ("llm_train_step_duration_seconds", "llm_telemetry_overhead_seconds")
+TIMING_SERIES = ("llm_train_step_duration_seconds", "llm_telemetry_overhead_seconds",
+                 "llm_train_input_wait_duration_seconds", "llm_train_compute_duration_seconds",
+                 "llm_train_checkpoint_duration_seconds")
 """Histograms of wall time: only their _count is the same in two runs of the same training."""
 RANK_LABELS = ("llm_rank", "llm_world_size")
 """Labels every series carries."""
-HOST_DEPENDENT = ("llm_memory_pressure",)
-"""Process RSS over physical memory: differs between two runs in one process."""
+HOST_DEPENDENT = ("llm_memory_pressure", "llm_memory_peak_allocated_bytes", "llm_memory_peak_reserved_bytes",
+                  "llm_train_goodput", "llm_train_mfu", "llm_train_last_step_timestamp_seconds",
+                  "llm_train_step_slowest_seconds", "llm_train_step_fastest_seconds", "llm_train_step_skew_ratio")
+"""Memory of the process and gauges of wall time: they differ between two runs in one process."""
 
 
 def scrape(url: str) -> dict[Series, float]:
