@@ -2,7 +2,9 @@
 
 A count spans a training forward, its loss and its backward. The probes' hooks
 run inside that span (attention statistics do matmuls of their own), so
-:func:`run_uncounted` subtracts what they add: the count is the model's.
+:func:`run_uncounted` subtracts what they add, and so is what activation
+checkpointing recomputes during backward (model FLOPs, as MFU counts them, not
+hardware FLOPs): the count is the model's.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ class ModelCount:
         self._failed: list[BaseException] = []
         self._mode = _counter_mode(self._failed)
         self._excluded = 0
+        self._replaying = 0
+        self._replay_start = 0
+        self._hooks: list[Any] = []
 
     @staticmethod
     def busy() -> bool:
@@ -60,8 +65,27 @@ class ModelCount:
 
     def start(self) -> None:
         global _active
+        from torch.nn.modules import module
+
         self._mode.__enter__()
         _active = self
+        self._hooks = [module.register_module_forward_pre_hook(self._enter_module),
+                       module.register_module_forward_hook(self._leave_module, always_call=True)]
+
+    def _enter_module(self, module: Any, args: Any) -> None:
+        """A module's forward during backward is a checkpoint replay: its FLOPs were counted in the forward."""
+        from otel_llm.probes._forward import in_backward
+
+        if in_backward():
+            if not self._replaying:
+                self._replay_start = self.total()
+            self._replaying += 1
+
+    def _leave_module(self, module: Any, args: Any, output: Any) -> None:
+        if self._replaying:
+            self._replaying -= 1
+            if not self._replaying:
+                self.exclude(self.total() - self._replay_start)
 
     def stop(self) -> int:
         """Leave the mode; the FLOPs counted since :meth:`start`, otel_llm's hooks excluded.
@@ -71,6 +95,9 @@ class ModelCount:
         global _active
         if _active is self:
             _active = None
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
         self._mode.__exit__(None, None, None)
         if self._failed:
             raise self._failed[0]

@@ -26,7 +26,10 @@ LENGTH = 16
 BATCH = 2
 HEADS = 4
 LAYERS = 2
-TIMING = {"llm.train.step.duration", "llm.telemetry.overhead", "llm.memory.pressure"}
+TIMING = {"llm.train.step.duration", "llm.telemetry.overhead", "llm.memory.pressure", "llm.memory.peak_allocated",
+          "llm.memory.peak_reserved", "llm.train.input_wait.duration", "llm.train.compute.duration",
+          "llm.train.checkpoint.duration", "llm.train.goodput", "llm.train.mfu", "llm.train.last_step.timestamp",
+          "llm.train.step.slowest", "llm.train.step.fastest", "llm.train.step.skew_ratio"}
 """Signals of wall time and process memory: never equal across two runs."""
 
 
