@@ -38,7 +38,8 @@ def test_blown_up_learning_rate_raises_anomalies_and_tightens_sampling(sessions,
     model = GPT(vocab=64)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     config = otel_llm.Config(exporters="prometheus", prometheus_port=free_port(), sampling="adaptive",
-                             sampling_growth_steps=20, sampling_max_interval=80)
+                             sampling_growth_steps=20, sampling_max_interval=80,
+                             anomaly_baseline=32)  # judged from the 40th sample: before the blow-up
     session = otel_llm.Instrumentation(model, optimizer, config=config)
     sessions.append(session)
     intervals: list[int] = []
@@ -62,7 +63,7 @@ def test_blown_up_learning_rate_raises_anomalies_and_tightens_sampling(sessions,
     session.flush()
     after = scrape(session.prometheus_url)
 
-    assert min(intervals[:100]) == 1 and intervals[99] == MIN_INTERVAL  # warm-up, then the minimum
+    assert intervals[:19] == [1] * 19 and intervals[105] == MIN_INTERVAL  # dense warm-up, then the minimum
     assert gauge(before, "llm_telemetry_sampling_interval") > MIN_INTERVAL  # it had grown before the blow-up
     assert tightened is not None, intervals[BLOW_UP_STEP:]
     assert gauge(tightened, "llm_telemetry_sampling_interval") == MIN_INTERVAL

@@ -33,9 +33,10 @@ def test_fixed_interval_is_every_nth_step():
     assert [s for s in range(13) if sampler.is_sampled(s)] == [0, 4, 8, 12]
 
 
-def test_warm_up_samples_every_step_then_the_minimum_interval():
+def test_warm_up_samples_densely_then_the_minimum_interval():
     sampler = AdaptiveSampler(warmup=5, min_interval=3, max_interval=30, growth_steps=1000)
-    assert sampled_steps(sampler, 20, noisy_loss) == [0, 1, 2, 3, 4, 7, 10, 13, 16, 19]
+    # warm-up interval floor(3 (t + 1) / 5) after sampled step t, at least 1: 1, 1, 1, 2; then 3
+    assert sampled_steps(sampler, 20, noisy_loss) == [0, 1, 2, 3, 5, 8, 11, 14, 17]
     assert sampler.interval == 3 and sampler.reason == "growth"
 
 
@@ -151,8 +152,9 @@ def test_a_session_follows_the_adaptive_schedule_and_exports_its_interval(harnes
         optimizer.step()
         optimizer.zero_grad()
         intervals.append(h.session.sampling_interval)
-    # warm-up 0..3, then 3 * 2 ** ((t - 4) // 6) after sampled step t (quiet losses: no spike, no plateau)
-    assert taken == [0, 1, 2, 3, 6, 9, 12, 18]
+    # warm-up intervals floor(3 (t + 1) / 4) >= 1 (1, 1, 2), then 3 * 2 ** ((t - 4) // 6) after sampled step t
+    # (quiet losses: no spike, no plateau)
+    assert taken == [0, 1, 2, 4, 7, 10, 16, 28]
     metrics = h.collect()
     assert metrics.value("llm.telemetry.sampling_interval") == intervals[18] == 12
     assert metrics.value("llm.telemetry.sampled_steps") == len(taken)
