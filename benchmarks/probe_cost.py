@@ -1,0 +1,60 @@
+"""What each probe family adds to a sampled step: every-step sampling with all signals, and with one family off.
+
+Same workloads and interleaving as ``overhead.py``; the cost of a family is the mean
+step time with all signals minus the mean with that family's signals disabled (what a
+user saves by disabling it), as a share of the bare step.
+
+    python benchmarks/probe_cost.py [--workload llama|nanogpt] [--blocks 3] [--steps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+from overhead import _bare, _otel, llama, nanogpt, run_block
+
+FAMILIES = {
+    "optimizer (gradients, update)": "llm.grad.*,llm.param.*",
+    "loss (per-token loss, z-loss)": "llm.loss.*,llm.logits.*",
+    "attention": "llm.attention.*",
+    "rope": "llm.rope.*",
+    "activations": "llm.activation.*",
+    "memory": "llm.memory.*",
+}
+EVERY_STEP = {"sampling": "fixed", "sampling_interval": 1}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=("llama", "nanogpt"), default="llama")
+    parser.add_argument("--blocks", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    work = llama() if args.workload == "llama" else nanogpt()
+    variants = {"bare": _bare, "all signals": _otel(EVERY_STEP)}
+    variants |= {f"without {name}": _otel({**EVERY_STEP, "disabled_signals": signals})
+                 for name, signals in FAMILIES.items()}
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    run_block(work, _bare, 5, seed=0)
+    for block in range(args.blocks):
+        for name, variant in variants.items():
+            samples[name].extend(run_block(work, variant, args.steps, seed=block))
+    means = {name: statistics.fmean(times) for name, times in samples.items()}
+    bare, full = means["bare"], means["all signals"]
+    print(f"{work.description}; every step sampled; {args.blocks} blocks x {args.steps} steps per variant")
+    print(f"bare {bare * 1e3:.2f} ms, all signals {full * 1e3:.2f} ms ({full / bare - 1:+.1%})")
+    print("| family | ms per sampled step | share of the bare step |")
+    print("|---|---:|---:|")
+    for name in FAMILIES:
+        cost = full - means[f"without {name}"]
+        print(f"| {name} | {cost * 1e3:.2f} | {cost / bare:+.1%} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
