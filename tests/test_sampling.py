@@ -112,8 +112,11 @@ def test_back_off_and_plateau_compound_but_never_pass_the_maximum():
 
 
 def test_inputs_decode_from_the_agreed_vector():
-    decoded = SamplingInputs.decode(torch.tensor([-math.inf, 1.0, 0.0, 0.5], dtype=torch.float64).numpy())
+    decoded = SamplingInputs.decode(torch.tensor([-math.inf, 1.0, 0.0, 0.5, 0.9, 0.2], dtype=torch.float64).numpy())
     assert math.isnan(decoded.loss) and decoded.nonfinite and not decoded.anomaly and decoded.memory_pressure == 0.5
+    assert decoded.decay_high == 0.9 and decoded.decay_low == -0.2  # the lowest rate rides negated under MAX
+    unknown = SamplingInputs.decode(torch.tensor([1.0, 0.0, 0.0, 0.0, -math.inf, -math.inf]).numpy())
+    assert unknown.decay_high is None and unknown.decay_low is None
 
 
 @pytest.mark.parametrize("kwargs", [dict(min_interval=0), dict(min_interval=20, max_interval=10),

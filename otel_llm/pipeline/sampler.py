@@ -7,10 +7,11 @@ data-parallel rank therefore samples the same steps and no rank ever enters a
 telemetry collective the others skip.
 
 The agreement: every rank encodes [loss, non-finite flag, anomaly flag, memory
-pressure] of its sampled step into a device vector (:meth:`SamplingInputs.encode`);
+pressure, decay rate, -decay rate] of its sampled step into a device vector (:meth:`SamplingInputs.encode`);
 one MAX all-reduce makes it equal everywhere, and the vector then rides along
 in the step's single device-to-host transfer, so agreeing costs no extra sync;
-:meth:`SamplingInputs.decode` reads it back.
+:meth:`SamplingInputs.decode` reads it back. The guards
+(:mod:`otel_llm.guards`) read the decay rates: the highest and the lowest over ranks.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from otel_llm.catalog import GRAD_NORM, MEMORY_PRESSURE, TRAIN_LOSS
+from otel_llm.catalog import GRAD_NORM, GRAD_NORM_DECAY_RATE, MEMORY_PRESSURE, TRAIN_LOSS
 from otel_llm.probes.base import StepValues
 from otel_llm.runtime.rank import data_parallel_world
 
@@ -38,13 +39,17 @@ class SamplingInputs:
     """What a sampled step tells the adaptive policy, already agreed across ranks.
 
     ``loss`` is the largest finite per-rank loss (NaN when none is known),
-    ``memory_pressure`` the largest per-rank pressure (0 when unknown).
+    ``memory_pressure`` the largest per-rank pressure (0 when unknown),
+    ``decay_high`` / ``decay_low`` the highest / lowest finite per-rank gradient-norm
+    decay rate (None when no rank measured one).
     """
 
     loss: float = math.nan
     nonfinite: bool = False
     anomaly: bool = False
     memory_pressure: float = 0.0
+    decay_high: float | None = None
+    decay_low: float | None = None
 
     @staticmethod
     def encode(values: StepValues, anomalies: int, device: torch.device) -> torch.Tensor:
@@ -61,7 +66,12 @@ class SamplingInputs:
             agreed_loss = torch.where(torch.isfinite(loss), loss, float("-inf"))
         pressure = values.first(MEMORY_PRESSURE)
         flags = torch.tensor([float(anomalies > 0), float(pressure or 0.0)], dtype=torch.float64).to(device)
-        vector = torch.cat([agreed_loss.reshape(1), nonfinite.double().reshape(1), flags])
+        decay = _on_device(values.first(GRAD_NORM_DECAY_RATE), device)
+        if decay is None:
+            decays = torch.full((2,), float("-inf"), dtype=torch.float64, device=device)
+        else:
+            decays = torch.where(torch.isfinite(decay), torch.stack([decay, -decay]), float("-inf"))
+        vector = torch.cat([agreed_loss.reshape(1), nonfinite.double().reshape(1), flags, decays.reshape(2)])
         if data_parallel_world() > 1:
             import torch.distributed as dist
 
@@ -71,8 +81,9 @@ class SamplingInputs:
     @classmethod
     def decode(cls, vector: np.ndarray) -> SamplingInputs:
         """The agreed inputs from the host copy of :meth:`encode`'s vector (-inf loss: none finite)."""
-        loss, nonfinite, anomaly, pressure = (float(v) for v in vector[:4])
-        return cls(loss if math.isfinite(loss) else math.nan, nonfinite > 0, anomaly > 0, max(pressure, 0.0))
+        loss, nonfinite, anomaly, pressure, high, negated_low = (float(v) for v in vector[:6])
+        return cls(loss if math.isfinite(loss) else math.nan, nonfinite > 0, anomaly > 0, max(pressure, 0.0),
+                   high if math.isfinite(high) else None, -negated_low if math.isfinite(negated_low) else None)
 
 
 def _on_device(value: torch.Tensor | float | None, device: torch.device) -> torch.Tensor | None:
