@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -251,3 +252,16 @@ def test_guards_come_from_the_environment_and_bad_names_are_refused(monkeypatch)
         Config(guards="skip_nan")
     monkeypatch.setenv("OTEL_LLM_GUARDS", "skip_nan")
     assert Config().guards == ()  # a typo in a job spec warns and falls back to no guards
+
+
+# -- two ranks ----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_ranks_with_different_decay_rates_take_the_same_actions_at_the_same_steps(tmp_path):
+    from tests.test_distributed import clean_env, finish, results, torchrun
+
+    worker = Path(__file__).resolve().parent / "dist" / "guards_worker.py"
+    finish(torchrun(2, str(worker), "--out", str(tmp_path), env=clean_env(), cwd=tmp_path))
+    ranks = results(tmp_path, 2)
+    # backoff on the highest rank's rate (rank 0: 2, 4, 6 above 0.8), clipping on the lowest (rank 1: 8, 10)
+    assert ranks[0]["actions"] == ranks[1]["actions"] == [["lr_backoff", 6], ["clip_on_rebound", 10]]
+    assert ranks[0]["lrs"] == ranks[1]["lrs"] == [0.1] * 6 + [0.1 * 0.95] * 10

@@ -26,6 +26,7 @@ from otel_llm.guards.nonfinite import Withheld, has_nonfinite
 from otel_llm.guards.policy import ClipOnRebound, LrBackoff
 from otel_llm.pipeline.transfer import CounterPoint
 from otel_llm.probes._clip_calls import CLIP, ClipCall
+from otel_llm.probes._wrappers import innermost_optimizer
 from otel_llm.probes.optimizer import trainable_params
 from otel_llm.runtime.log_once import once
 
@@ -164,7 +165,7 @@ class Guards:
                     group[key] = _scaled(group[key], factor)
         for ref in self._schedulers:
             scheduler = ref()
-            if scheduler is None or getattr(scheduler, "optimizer", None) is not optimizer:
+            if scheduler is None or innermost_optimizer(getattr(scheduler, "optimizer", None)) is not optimizer:
                 continue
             if isinstance(getattr(scheduler, "base_lrs", None), list):
                 scheduler.base_lrs = [_scaled(base, factor) for base in scheduler.base_lrs]
