@@ -9,7 +9,6 @@ own linear LR schedule (whose base rates the callback hands to the guard).
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from opentelemetry.sdk.metrics import MeterProvider
