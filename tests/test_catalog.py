@@ -44,6 +44,7 @@ CONTRACT = {
     "llm.telemetry.overhead": (H, "s", (), (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1)),
     "llm.telemetry.nonfinite": (C, "{event}", ("llm.signal",), None),
     "llm.anomaly.events": (C, "{event}", ("llm.signal",), None),
+    "llm.guard.actions": (C, "{action}", ("llm.guard.action",), None),
 }
 
 
@@ -86,11 +87,11 @@ def test_thresholds_carry_the_contract_values():
 
 
 def test_every_family_has_one_producer_and_every_probe_is_a_family():
-    """A probe's name is its catalog family; the two families without a probe are the session's own."""
+    """A probe's name is its catalog family; the three families without a probe are the session's own."""
     from otel_llm.probes.registry import PROBES
 
     probe_names = [cls.name for cls in PROBES]
     assert len(set(probe_names)) == len(probe_names)
     families = {spec.family for spec in CATALOG}
     assert "" not in families
-    assert families == set(probe_names) | {"training", "telemetry"}
+    assert families == set(probe_names) | {"training", "telemetry", "guards"}

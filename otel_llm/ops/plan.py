@@ -24,6 +24,7 @@ from otel_llm.catalog import (
     ATTR_SIGNAL,
     CATALOG,
     GRAD_SPARSITY,
+    GUARD_ACTIONS,
     TRAIN_LEARNING_RATE,
     TRAIN_SKIPPED_STEPS,
     MetricSpec,
@@ -43,8 +44,8 @@ SCALE_RANKS: Final = (8, 256, 1024)
 
 _ABSENT_IN_TRAINING: Final = ("kv_cache",)
 """Families that appear only when a KV cache is used (generation, serving), never in a training step."""
-_ONLY_ON_FAULTS: Final = (TRAIN_SKIPPED_STEPS,)
-"""Series that appear only once something went wrong (an update DeepSpeed skipped): not in the plan."""
+_ONLY_ON_FAULTS: Final = (TRAIN_SKIPPED_STEPS, GUARD_ACTIONS)
+"""Series that appear only once something went wrong (an update skipped, a guard acting): not in the plan."""
 
 
 @dataclass(frozen=True)
