@@ -29,6 +29,7 @@ UNITS = {
     "llm.kv_cache.hits": "count:tokens/s", "llm.kv_cache.lookups": "count:tokens/s",
     "llm.telemetry.sampled_steps": "count:steps/s", "llm.telemetry.sampling_interval": "count:steps",
     "llm.telemetry.nonfinite": "count:events/s", "llm.anomaly.events": "count:events/s",
+    "llm.guard.actions": "count:actions/s",
 }
 
 
