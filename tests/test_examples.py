@@ -115,7 +115,7 @@ EXAMPLES = [
     Example("lightning_train.py", steps=16),
     Example("generate_kv_cache.py", check=kv_cache_counts),
     Example("anomaly_lr_blowup.py", ("--steps", "260", "--blow-up-at", "180"), steps=260, check=gradient_anomalies),
-    Example("guards.py", steps=120, check=guard_damps_the_blow_up),
+    Example("guards.py", steps=60, check=guard_damps_the_blow_up),
 ]
 
 
