@@ -265,3 +265,24 @@ def test_two_ranks_with_different_decay_rates_take_the_same_actions_at_the_same_
     # backoff on the highest rank's rate (rank 0: 2, 4, 6 above 0.8), clipping on the lowest (rank 1: 8, 10)
     assert ranks[0]["actions"] == ranks[1]["actions"] == [["lr_backoff", 6], ["clip_on_rebound", 10]]
     assert ranks[0]["lrs"] == ranks[1]["lrs"] == [0.1] * 6 + [0.1 * 0.95] * 10
+
+
+# -- cost ---------------------------------------------------------------------------------
+def test_skip_nonfinite_reads_one_flag_per_step_and_the_other_guards_nothing_off_sampled_steps(harness):
+    from tests.reliability.test_training_faults import SyncCounter
+
+    torch.manual_seed(0)
+    model = GPT(vocab=VOCAB)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    harness(model, optimizer, sampling="fixed", sampling_interval=4,
+            guards="skip_nonfinite,lr_backoff,clip_on_rebound")
+    generator = torch.Generator().manual_seed(0)
+    per_step = []
+    for _ in range(5):  # steps 0 and 4 are sampled
+        counter = SyncCounter()
+        gpt_step(model, optimizer, generator)
+        counter.undo()
+        per_step.append(counter.calls)
+    flag = ("item", "nonfinite.py:has_nonfinite")
+    assert per_step[1:4] == [[flag]] * 3
+    assert per_step[4] == [flag, ("cpu", "transfer.py:transfer"), ("numpy", "transfer.py:transfer")]

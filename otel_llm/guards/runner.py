@@ -68,6 +68,9 @@ class Guards:
         self._own_clip = False
         if self._clip is not None:
             CLIP.add_listener(self._on_clip)
+        if self._skip:
+            _logger.info("otel_llm: skip_nonfinite reads one flag from the device at every optimizer step "
+                         "(a host decision per step; the other guards act on sampled steps only)")
 
     @property
     def needs_decision(self) -> bool:
