@@ -193,22 +193,31 @@ def test_lr_backoff_stops_at_its_floor():
 
 
 # -- clip_on_rebound ----------------------------------------------------------------------
-def test_clip_on_rebound_clips_exactly_the_m_steps_after_the_trigger(harness):
-    rebound = {2: -1.0, 4: -1.0}  # norm 2 after norm 1: decay rate -1 at sampled steps 2 and 4
-    norms = norms_for(rebound, 14)
+REBOUND = {2: -1.0, 4: -1.0}  # norm 2 after norm 1: decay rate -1 at sampled steps 2 and 4
+
+
+def clip_run(harness, norms, loop_clips):
+    """SGD at lr 1 (the update is the applied gradient): the actions, each step's applied norm, the harness."""
     model = Scripted()
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     h = harness(model, optimizer, sampling="fixed", sampling_interval=INTERVAL, guards="clip_on_rebound",
                 guard_clip_patience=2, guard_clip_steps=3, guard_clip_max_norm=0.5)
-    actions = []
+    actions, applied = [], []
     h.session.on_guard(actions.append)
-    applied = []
     for norm in norms:
         before = model.w.detach().clone()
         model.loss(norm).backward()
+        if loop_clips:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)  # the loop's own clipping, never binding here
         optimizer.step()
         optimizer.zero_grad()
-        applied.append(float((before - model.w.detach()).norm()))  # SGD, lr 1: the update is the gradient
+        applied.append(float((before - model.w.detach()).norm()))
+    return actions, applied, h
+
+
+def test_clip_on_rebound_clips_exactly_the_m_steps_after_the_trigger(harness):
+    norms = norms_for(REBOUND, 14)
+    actions, applied, h = clip_run(harness, norms, loop_clips=False)
     assert [(a.action, a.step) for a in actions] == [("clip_on_rebound", 4)]
     for step, (norm, got) in enumerate(zip(norms, applied)):
         # torch's rule: scale by max_norm / (norm + 1e-6) when that is below 1
@@ -218,21 +227,10 @@ def test_clip_on_rebound_clips_exactly_the_m_steps_after_the_trigger(harness):
 
 
 def test_clip_on_rebound_leaves_a_loop_that_clips_alone(harness):
-    norms = norms_for({2: -1.0, 4: -1.0}, 10)
-    model = Scripted()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    h = harness(model, optimizer, sampling="fixed", sampling_interval=INTERVAL, guards="clip_on_rebound",
-                guard_clip_patience=2, guard_clip_steps=3, guard_clip_max_norm=0.5)
-    actions = []
-    h.session.on_guard(actions.append)
-    for norm in norms:
-        before = model.w.detach().clone()
-        model.loss(norm).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)  # the loop's own clipping, never binding here
-        optimizer.step()
-        optimizer.zero_grad()
-        assert float((before - model.w.detach()).norm()) == pytest.approx(norm, rel=1e-6)
+    norms = norms_for(REBOUND, 10)
+    actions, applied, _ = clip_run(harness, norms, loop_clips=True)
     assert actions == []
+    assert applied == pytest.approx(norms, rel=1e-6)
 
 
 def test_clip_windows_do_not_extend_and_reopen_after_they_end():
