@@ -284,3 +284,44 @@ def test_skip_nonfinite_reads_one_flag_per_step_and_the_other_guards_nothing_off
     flag = ("item", "nonfinite.py:has_nonfinite")
     assert per_step[1:4] == [[flag]] * 3
     assert per_step[4] == [flag, ("cpu", "transfer.py:transfer"), ("numpy", "transfer.py:transfer")]
+
+
+# -- log records and callbacks -------------------------------------------------------------
+def test_an_action_is_one_log_record_and_on_anomaly_gets_each_anomaly(monkeypatch, sessions):
+    from tests.conftest import Harness
+    from tests.support.receivers import GrpcMetricsReceiver
+    from tests.test_anomaly_events import logs_env
+
+    with GrpcMetricsReceiver() as receiver:
+        logs_env(monkeypatch, "grpc", receiver.port)
+        torch.manual_seed(0)
+        model = GPT(vocab=VOCAB)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        harness = Harness(model, optimizer, sampling_interval=1, guards="skip_nonfinite")
+        sessions.append(harness.session)
+        generator = torch.Generator().manual_seed(0)
+        for step in range(4):
+            gpt_step(model, optimizer, generator, poison=step == 2)
+        metrics = harness.collect()
+        assert receiver.logs.wait_for(1, timeout=5)
+        records = [r for r in receiver.logs.records() if r.event_name == "llm.guard"]
+    (record,) = records
+    assert record.attributes == {"llm.guard.action": "skip_nonfinite", "llm.step": 2}
+    assert record.body == "guard skip_nonfinite at step 2: the gradients hold NaN/Inf: the update is not applied"
+    assert metrics.value(GUARD_ACTIONS, llm_guard_action="skip_nonfinite") == 1
+
+
+def test_on_anomaly_gets_every_anomaly_the_counter_counts(harness):
+    torch.manual_seed(0)
+    model = GPT(vocab=VOCAB)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    h = harness(model, optimizer, sampling_interval=1)
+    anomalies = []
+    h.session.on_anomaly(lambda anomaly, threshold: anomalies.append((anomaly.signal, anomaly.step, threshold)))
+    generator = torch.Generator().manual_seed(0)
+    for step in range(4):
+        gpt_step(model, optimizer, generator, poison=step == 2)  # no guard: the NaN norm is an anomaly
+    metrics = h.collect()
+    counted = {dict(p.attributes)["llm.signal"]: p.value for p in metrics.points["llm.anomaly.events"]}
+    assert counted["llm.grad.norm"] >= 1
+    assert len(anomalies) == sum(counted.values()) and ("llm.grad.norm", 2, 6.5) in anomalies
