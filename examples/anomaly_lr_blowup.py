@@ -2,8 +2,9 @@
 
     python examples/anomaly_lr_blowup.py [--steps 300] [--blow-up-at 200]
 
-The first 100 steps are sampled one by one (warm-up), then the interval grows
-(the growth is shortened here so a short run shows it). At ``--blow-up-at`` the
+The first 20 steps are sampled one by one, the warm-up thins out to step 100,
+then the interval grows (the growth is shortened here so a short run shows it,
+and the detector's baseline to 32 samples so it judges before the blow-up). At ``--blow-up-at`` the
 learning rate is multiplied by 1000: the detector logs a warning per flagged
 signal, ``llm_anomaly_events_total`` rises for the gradient signals and
 ``llm_telemetry_sampling_interval`` drops back to its minimum. Try PromQL
@@ -32,7 +33,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = TinyGPT()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    config = otel_llm.Config(sampling="adaptive", sampling_growth_steps=20, sampling_max_interval=80)
+    config = otel_llm.Config(sampling="adaptive", sampling_growth_steps=20, sampling_max_interval=80,
+                             anomaly_baseline=32)
     with otel_llm.instrument(model, optimizer, config=config) as telemetry:
         print(f"otel_llm: scrape {telemetry.prometheus_url or '(Prometheus endpoint disabled)'}")
         print("otel_llm: try PromQL  increase(llm_anomaly_events_total[5m])  and  llm_telemetry_sampling_interval")

@@ -31,6 +31,7 @@ __all__ = [
     "ATTR_ANOMALY_THRESHOLD",
     "ATTR_DEVICE",
     "ATTR_FLOPS_METHOD",
+    "ATTR_GUARD_ACTION",
     "ATTR_LAYER",
     "ATTR_PARAM_GROUP",
     "ATTR_SIGNAL",
@@ -58,6 +59,8 @@ ATTR_PARAM_GROUP: Final = "llm.param.group"
 """Optimizer param-group index, or a parameter family (all, lora_a, lora_b)."""
 ATTR_DEVICE: Final = "llm.device"
 """torch device string, e.g. ``cpu`` or ``cuda:0``."""
+ATTR_GUARD_ACTION: Final = "llm.guard.action"
+"""The guard that acted: skip_nonfinite, lr_backoff or clip_on_rebound."""
 ATTR_SIGNAL: Final = "llm.signal"
 """Name of the catalog signal an event is about."""
 ATTR_FLOPS_METHOD: Final = "llm.flops.method"
@@ -270,6 +273,8 @@ TELEMETRY_SAMPLING_INTERVAL: Final = "llm.telemetry.sampling_interval"
 TELEMETRY_OVERHEAD: Final = "llm.telemetry.overhead"
 TELEMETRY_NONFINITE: Final = "llm.telemetry.nonfinite"
 ANOMALY_EVENTS: Final = "llm.anomaly.events"
+GUARD_ACTIONS: Final = "llm.guard.actions"
+"""counter, unit {action}: times an enabled guard changed training."""
 
 STEP_DURATION_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 LOSS_TOKEN_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
@@ -293,7 +298,8 @@ CATALOG: Final[tuple[MetricSpec, ...]] = (
            unit=DIMENSIONLESS, family="loss", anomaly=_SCALE),
     MetricSpec(TRAIN_STEPS, "counter", "{step}", "Optimizer steps taken.", family="training"),
     MetricSpec(TRAIN_SKIPPED_STEPS, "counter", "{step}",
-               "Updates the optimizer skipped (DeepSpeed's fp16 overflow): not counted in llm.train.steps.",
+               "Updates the optimizer skipped (DeepSpeed's fp16 overflow, the skip_nonfinite guard): not counted in "
+               "llm.train.steps.",
                family="training"),
     MetricSpec(TRAIN_TOKENS, "counter", "{token}",
                "Tokens processed (non-padding input tokens when an attention mask is known).", family="tokens"),
@@ -416,6 +422,11 @@ CATALOG: Final[tuple[MetricSpec, ...]] = (
                attributes=(ATTR_SIGNAL,),
                thresholds=(Threshold("warning", "increase", 0.0, "the anomaly detector flagged a signal"),),
                family="telemetry"),
+    MetricSpec(GUARD_ACTIONS, "counter", "{action}",
+               "Times an enabled guard changed training: an update skipped (skip_nonfinite), the learning rate "
+               "lowered (lr_backoff), clipping turned on (clip_on_rebound); each is also a log line and record.",
+               attributes=(ATTR_GUARD_ACTION,),
+               thresholds=(Threshold("warning", "increase", 0.0, "a guard changed training"),), family="guards"),
 )
 
 _BY_NAME: Final = {spec.name: spec for spec in CATALOG}

@@ -34,7 +34,7 @@ from otel_llm import environment_variables as env
 from otel_llm.catalog import CATALOG
 from otel_llm.runtime.log_once import LogOnce
 
-__all__ = ["Config", "EXPORTERS", "MAX_PORT", "MAX_SECONDS", "Source", "environment_value"]
+__all__ = ["Config", "EXPORTERS", "GUARDS", "MAX_PORT", "MAX_SECONDS", "Source", "environment_value"]
 
 _logger = logging.getLogger(__name__)
 _bad_environment = LogOnce()
@@ -42,6 +42,9 @@ _bad_environment = LogOnce()
 
 EXPORTERS = ("prometheus", "otlp")
 """Readers ``OTEL_METRICS_EXPORTER`` can select (``none`` selects neither)."""
+
+GUARDS = ("skip_nonfinite", "lr_backoff", "clip_on_rebound")
+"""The guards ``OTEL_LLM_GUARDS`` can enable (see :mod:`otel_llm.guards`)."""
 
 MAX_PORT = 65535
 MAX_SECONDS = 3600.0
@@ -135,6 +138,16 @@ def _optional_positive_float(value: Any, name: str) -> float | None:
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     return _positive_float(value, name)
+def _finite_float(value: Any, name: str) -> float:
+    """Any finite number, negative included (a decay-rate threshold)."""
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            number = float(value.strip() if isinstance(value, str) else value)
+        except ValueError:
+            number = math.nan
+        if math.isfinite(number):
+            return number
+    raise ValueError(f"{name} must be a finite number, got {_shown(value)}")
 
 
 def _fraction(value: Any, name: str) -> float:
@@ -180,6 +193,16 @@ def _signals(value: Any, name: str) -> tuple[str, ...]:
         if not fnmatch.filter(known, item):
             raise ValueError(f"{name}: {item!r} matches no catalog signal (see `otel-llm catalog`)")
     return tuple(items)
+
+
+def _guards(value: Any, name: str) -> tuple[str, ...]:
+    items = [item.lower() for item in _items(value)]
+    if items == ["none"]:
+        return ()
+    unknown = [item for item in items if item not in GUARDS]
+    if unknown:
+        raise ValueError(f"{name} must be a comma list of {', '.join(GUARDS)} (or none), got {_shown(value)}")
+    return tuple(dict.fromkeys(items))
 
 
 def _exporters(value: Any, name: str) -> tuple[str, ...]:
@@ -327,6 +350,37 @@ class Config:
     anomaly_threshold: float = _option(
         env.OTEL_LLM_ANOMALY_THRESHOLD, _positive_float, 6.5,
         "Anomaly: a score (SAX distance or jump, see \"Anomaly detection\") above this flags the series.")
+    guards: tuple[str, ...] = _option(
+        env.OTEL_LLM_GUARDS, _guards, (),
+        "Guards that act on training (comma list of `skip_nonfinite`, `lr_backoff`, `clip_on_rebound`; see "
+        "\"Guards\"); none by default.")
+    guard_lr_backoff_threshold: float = _option(
+        env.OTEL_LLM_GUARD_LR_BACKOFF_THRESHOLD, _finite_float, 0.8,
+        "lr_backoff: a sampled `llm.grad.norm_decay_rate` above this counts towards a backoff.")
+    guard_lr_backoff_patience: int = _option(
+        env.OTEL_LLM_GUARD_LR_BACKOFF_PATIENCE, _at_least(1, MAX_STEPS), 3,
+        "lr_backoff: consecutive sampled steps above the threshold that trigger it (K).")
+    guard_lr_backoff_factor: float = _option(
+        env.OTEL_LLM_GUARD_LR_BACKOFF_FACTOR, _fraction, 0.95,
+        "lr_backoff: every param group's learning rate (and its scheduler's base rate) is multiplied by this.")
+    guard_lr_backoff_cooldown: int = _option(
+        env.OTEL_LLM_GUARD_LR_BACKOFF_COOLDOWN, _at_least(0, MAX_STEPS), 50,
+        "lr_backoff: optimizer steps after a backoff during which sampled steps are not counted.")
+    guard_lr_backoff_floor: float = _option(
+        env.OTEL_LLM_GUARD_LR_BACKOFF_FLOOR, _fraction, 0.1,
+        "lr_backoff: the product of all backoffs never goes below this fraction of the rate.")
+    guard_clip_threshold: float = _option(
+        env.OTEL_LLM_GUARD_CLIP_THRESHOLD, _finite_float, -0.1,
+        "clip_on_rebound: a sampled `llm.grad.norm_decay_rate` below this counts towards clipping.")
+    guard_clip_patience: int = _option(
+        env.OTEL_LLM_GUARD_CLIP_PATIENCE, _at_least(1, MAX_STEPS), 3,
+        "clip_on_rebound: consecutive sampled steps below the threshold that trigger it (K).")
+    guard_clip_steps: int = _option(
+        env.OTEL_LLM_GUARD_CLIP_STEPS, _at_least(1, MAX_STEPS), 100,
+        "clip_on_rebound: optimizer steps clipped after a trigger (M).")
+    guard_clip_max_norm: float = _option(
+        env.OTEL_LLM_GUARD_CLIP_MAX_NORM, _positive_float, 1.0,
+        "clip_on_rebound: the max L2 norm the gradients are clipped to.")
     disabled_signals: tuple[str, ...] = _option(
         env.OTEL_LLM_DISABLED_SIGNALS, _signals, (),
         "Catalog signals (comma list, fnmatch patterns) neither computed nor exported.")

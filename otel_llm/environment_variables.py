@@ -21,6 +21,16 @@ __all__ = [
     "OTEL_LLM_DISABLED_SIGNALS",
     "OTEL_LLM_EXPORT_RANKS",
     "OTEL_LLM_GRAD_SPARSITY_THRESHOLD",
+    "OTEL_LLM_GUARDS",
+    "OTEL_LLM_GUARD_CLIP_MAX_NORM",
+    "OTEL_LLM_GUARD_CLIP_PATIENCE",
+    "OTEL_LLM_GUARD_CLIP_STEPS",
+    "OTEL_LLM_GUARD_CLIP_THRESHOLD",
+    "OTEL_LLM_GUARD_LR_BACKOFF_COOLDOWN",
+    "OTEL_LLM_GUARD_LR_BACKOFF_FACTOR",
+    "OTEL_LLM_GUARD_LR_BACKOFF_FLOOR",
+    "OTEL_LLM_GUARD_LR_BACKOFF_PATIENCE",
+    "OTEL_LLM_GUARD_LR_BACKOFF_THRESHOLD",
     "OTEL_LLM_LAYERS_PATH",
     "OTEL_LLM_MLP_OUTPUT_PATH",
     "OTEL_LLM_PEAK_FLOPS",
@@ -138,3 +148,33 @@ OTEL_LLM_SHUTDOWN_TIMEOUT: Final = "OTEL_LLM_SHUTDOWN_TIMEOUT"
 
 OTEL_LLM_EXPORT_RANKS: Final = "OTEL_LLM_EXPORT_RANKS"
 """Sets :attr:`otel_llm.Config.export_ranks`."""
+
+OTEL_LLM_GUARDS: Final = "OTEL_LLM_GUARDS"
+"""Sets :attr:`otel_llm.Config.guards`."""
+
+OTEL_LLM_GUARD_LR_BACKOFF_THRESHOLD: Final = "OTEL_LLM_GUARD_LR_BACKOFF_THRESHOLD"
+"""Sets :attr:`otel_llm.Config.guard_lr_backoff_threshold`."""
+
+OTEL_LLM_GUARD_LR_BACKOFF_PATIENCE: Final = "OTEL_LLM_GUARD_LR_BACKOFF_PATIENCE"
+"""Sets :attr:`otel_llm.Config.guard_lr_backoff_patience`."""
+
+OTEL_LLM_GUARD_LR_BACKOFF_FACTOR: Final = "OTEL_LLM_GUARD_LR_BACKOFF_FACTOR"
+"""Sets :attr:`otel_llm.Config.guard_lr_backoff_factor`."""
+
+OTEL_LLM_GUARD_LR_BACKOFF_COOLDOWN: Final = "OTEL_LLM_GUARD_LR_BACKOFF_COOLDOWN"
+"""Sets :attr:`otel_llm.Config.guard_lr_backoff_cooldown`."""
+
+OTEL_LLM_GUARD_LR_BACKOFF_FLOOR: Final = "OTEL_LLM_GUARD_LR_BACKOFF_FLOOR"
+"""Sets :attr:`otel_llm.Config.guard_lr_backoff_floor`."""
+
+OTEL_LLM_GUARD_CLIP_THRESHOLD: Final = "OTEL_LLM_GUARD_CLIP_THRESHOLD"
+"""Sets :attr:`otel_llm.Config.guard_clip_threshold`."""
+
+OTEL_LLM_GUARD_CLIP_PATIENCE: Final = "OTEL_LLM_GUARD_CLIP_PATIENCE"
+"""Sets :attr:`otel_llm.Config.guard_clip_patience`."""
+
+OTEL_LLM_GUARD_CLIP_STEPS: Final = "OTEL_LLM_GUARD_CLIP_STEPS"
+"""Sets :attr:`otel_llm.Config.guard_clip_steps`."""
+
+OTEL_LLM_GUARD_CLIP_MAX_NORM: Final = "OTEL_LLM_GUARD_CLIP_MAX_NORM"
+"""Sets :attr:`otel_llm.Config.guard_clip_max_norm`."""

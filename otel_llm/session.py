@@ -39,11 +39,12 @@ from otel_llm.catalog import (
     MetricSpec,
 )
 from otel_llm.config import Config
-from otel_llm.export.events import AnomalyLog
+from otel_llm.export.events import AnomalyLog, GuardLog
 from otel_llm.export.provider import ProviderBundle, build_provider
-from otel_llm.pipeline.anomaly import make_monitor
+from otel_llm.guards import GuardListener, make_guards
+from otel_llm.pipeline.anomaly import Anomaly, make_monitor
 from otel_llm.pipeline.clock import StepClock
-from otel_llm.pipeline.publisher import Publisher
+from otel_llm.pipeline.publisher import AnomalySink, Publisher
 from otel_llm.pipeline.sampler import SamplingInputs, make_sampler
 from otel_llm.pipeline.transfer import CounterPoint, GaugePoints, HostStep, Publication, to_host
 from otel_llm.probes._deepspeed import UPDATE, initializing
@@ -130,8 +131,9 @@ class Instrumentation:
         meter = self._bundle.provider.get_meter("otel_llm", __version__)
         self._meter = meter
         logs = self._bundle.logger_provider
-        self._publisher = Publisher(meter, make_monitor(self.config),
-                                    on_anomaly=AnomalyLog(logs).emit if logs is not None else None)
+        self._anomaly_sinks: list[AnomalySink] = [AnomalyLog(logs).emit] if logs is not None else []
+        self._publisher = Publisher(meter, make_monitor(self.config), on_anomaly=self._anomaly)
+        self._guards = make_guards(self.config, GuardLog(logs).emit if logs is not None else None)
         self._user = UserMetrics(meter, schema, self._bundle.schema, self._publisher.count_nonfinite)
 
         self._clock = StepClock(make_sampler(self.config))
@@ -237,6 +239,26 @@ class Instrumentation:
         self._gradients_read_externally = True
         self._pre_step(optimizer)
 
+    def on_anomaly(self, callback: AnomalySink) -> None:
+        """Call ``callback(anomaly, threshold)`` for every anomaly flagged (on the exporter thread).
+
+        E.g. to save a checkpoint; to stop the run, set a flag the loop reads. What it raises is logged once.
+        """
+        self._anomaly_sinks.append(callback)
+
+    def on_guard(self, callback: GuardListener) -> None:
+        """Call ``callback(action)`` after each guard action (on the training thread, inside the optimizer step)."""
+        if self._guards is not None:
+            self._guards.add_listener(callback)
+        else:
+            once(_logger, logging.INFO, ("on_guard", "no guards"),
+                 "otel_llm: on_guard() without an enabled guard (Config(guards=...) / OTEL_LLM_GUARDS): never called")
+
+    def follow_scheduler(self, scheduler: Any) -> None:
+        """Let ``lr_backoff`` scale this LR scheduler's base rates too (the framework callbacks do it for you)."""
+        if self._guards is not None:
+            self._guards.follow_scheduler(scheduler)
+
     def register(self, name: str, instrument: str, *, unit: str = "", description: str = "",
                  attributes: Iterable[str] = (), buckets: Iterable[float] | None = None) -> MetricSpec:
         """Declare a custom metric at run time (same rules as the schema file); returns its spec."""
@@ -276,6 +298,8 @@ class Instrumentation:
         self._handles.clear()
         UPDATE.remove_listener(self._on_update)
         TRAINING_STEP.remove_listener(self._after_training_step)
+        if self._guards is not None:
+            self._guards.close()
         self._probes.detach()
         if fork.forked:
             return
@@ -341,6 +365,8 @@ class Instrumentation:
         if not self._model_checked:
             self._check_model(optimizer)
         plan = self._clock.plan()
+        if self._guards is not None and not self._update_depth:  # guards: skip_nonfinite and clipping act here
+            self._guards.before_update(optimizer, plan.step)
         if not (plan.sampled or plan.next_sampled):
             return
         started = time.perf_counter()
@@ -353,7 +379,21 @@ class Instrumentation:
         if self._update_depth:  # one group of a DeepSpeed update: the update ends when its wrapper returns
             self._inner_steps += 1
             return
+        if self._guards is not None:  # an update a guard withheld is no training step
+            withheld = self._guards.after_update()
+            if withheld is not None:
+                self._skip_update(withheld)
+                return
         self._end_step(optimizer)
+
+    def _anomaly(self, anomaly: Anomaly, threshold: float) -> None:
+        """The publisher flagged ``anomaly``: the log record, then the user's callbacks (exporter thread)."""
+        for sink in list(self._anomaly_sinks):
+            try:
+                sink(anomaly, threshold)
+            except Exception:  # noqa: BLE001 - a callback must not stop the exporter thread
+                once(_logger, logging.WARNING, ("on_anomaly", id(sink)),
+                     "otel_llm: an on_anomaly callback raised; it keeps being called", exc_info=True)
 
     def _on_update(self, wrapper: Any, begins: bool) -> None:
         """A DeepSpeed wrapper's ``step()`` begins or returns: the bounds of one update of its torch optimizer."""
@@ -384,10 +424,14 @@ class Instrumentation:
                 probe.end_update(wrapper)
             self._end_step(optimizer)
         else:  # the wrapper skipped the update (fp16 overflow): not a training step
-            if probe is not None:
-                probe.reset()
-            self._publisher.submit(Publication(step=self._clock.step, sampled=False,
-                                               counters=[(TRAIN_SKIPPED_STEPS, {}, 1)], durations=[]))
+            self._skip_update([(TRAIN_SKIPPED_STEPS, {}, 1)])
+
+    def _skip_update(self, counters: list[CounterPoint]) -> None:
+        """An update that was not applied: the step does not end, its gradient partials are dropped."""
+        probe = self._probes.get(OptimizerProbe)
+        if probe is not None:
+            probe.reset()
+        self._publisher.submit(Publication(step=self._clock.step, sampled=False, counters=counters, durations=[]))
 
     def _after_training_step(self, result: Any) -> None:
         """``Trainer.training_step`` returned: end the update that completed inside it, if any."""
@@ -441,6 +485,7 @@ class Instrumentation:
         sampler = self._clock.sampler
         inputs = SamplingInputs.decode(host.decision) if host.decision is not None else SamplingInputs()
         sampler.update(self._clock.step, inputs)
+        actions = self._guards.decide(self._clock.step, inputs, optimizer) if self._guards is not None else []
         gauges = dict(host.gauges)
         gauges[TELEMETRY_SAMPLING_INTERVAL] = (({}, float(sampler.interval)),)
         if inputs.fastest_step > 0 and rank_info().rank == 0:  # agreed, so one rank exports it, not every rank
@@ -448,7 +493,7 @@ class Instrumentation:
             gauges[TRAIN_STEP_FASTEST] = (({}, inputs.fastest_step),)
             gauges[TRAIN_STEP_SKEW_RATIO] = (({}, inputs.slowest_step / inputs.fastest_step - 1.0),)
         publication = Publication(step=self._clock.step, sampled=True,
-                                  counters=[(TRAIN_STEPS, {}, 1), *host.counters], durations=durations,
+                                  counters=[(TRAIN_STEPS, {}, 1), *host.counters, *actions], durations=durations,
                                   gauges=gauges, histograms=host.histograms)
         publication.overhead = (self._overhead + self._probes.take_host_seconds()
                                 + time.perf_counter() - started)
@@ -458,9 +503,10 @@ class Instrumentation:
         """One transfer of the step's device values, with the cross-rank sampling decision when adaptive."""
         try:
             step_time = self._probes.get(StepTimeProbe)
+            agree = self._clock.sampler.adaptive or (self._guards is not None and self._guards.needs_decision)
             decision = (SamplingInputs.encode(values, self._publisher.take_anomalies(), device,
                                               step_time.window_step_seconds if step_time is not None else math.nan)
-                        if self._clock.sampler.adaptive else None)
+                        if agree else None)
             return to_host(values, decision)
         except Exception:  # noqa: BLE001 - the step's signals are lost; its host counts are not
             log_failure("publish")

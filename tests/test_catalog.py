@@ -59,6 +59,7 @@ CONTRACT = {
     "llm.train.step.skew_ratio": (G, "1", (), None),
     "llm.memory.peak_allocated": (G, "By", ("llm.device",), None),
     "llm.memory.peak_reserved": (G, "By", ("llm.device",), None),
+    "llm.guard.actions": (C, "{action}", ("llm.guard.action",), None),
 }
 
 
@@ -108,11 +109,11 @@ def test_thresholds_carry_the_contract_values():
 
 
 def test_every_family_has_one_producer_and_every_probe_is_a_family():
-    """A probe's name is its catalog family; the two families without a probe are the session's own."""
+    """A probe's name is its catalog family; the three families without a probe are the session's own."""
     from otel_llm.probes.registry import PROBES
 
     probe_names = [cls.name for cls in PROBES]
     assert len(set(probe_names)) == len(probe_names)
     families = {spec.family for spec in CATALOG}
     assert "" not in families
-    assert families == set(probe_names) | {"training", "telemetry"}
+    assert families == set(probe_names) | {"training", "telemetry", "guards"}

@@ -9,6 +9,7 @@ example are checked against what the example did.
 from __future__ import annotations
 
 import ast
+import math
 import os
 import re
 import subprocess
@@ -20,7 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from otel_llm.catalog import ATTR_DEVICE, ATTR_LAYER, ATTR_PARAM_GROUP, ATTR_SIGNAL, CATALOG, prometheus_name
+from otel_llm.catalog import (
+    ATTR_DEVICE,
+    ATTR_GUARD_ACTION,
+    ATTR_LAYER,
+    ATTR_PARAM_GROUP,
+    ATTR_SIGNAL,
+    CATALOG,
+    prometheus_name,
+)
 from tests.support.backends import free_port
 from tests.support.receivers import GrpcMetricsReceiver
 
@@ -28,7 +37,8 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-LABELS = {name.replace(".", "_") for name in (ATTR_DEVICE, ATTR_LAYER, ATTR_PARAM_GROUP, ATTR_SIGNAL)}
+LABELS = {name.replace(".", "_")
+          for name in (ATTR_DEVICE, ATTR_GUARD_ACTION, ATTR_LAYER, ATTR_PARAM_GROUP, ATTR_SIGNAL)}
 KV_LAYERS, KV_REQUESTS, KV_PREFIX, KV_QUESTION, KV_NEW = 2, 12, 48, 8, 8
 
 
@@ -83,6 +93,12 @@ def gradient_anomalies(receiver: GrpcMetricsReceiver) -> None:
     assert max(intervals) > 10  # it grew; the drop back is timed by tests/test_adaptive_end_to_end.py
 
 
+def guard_damps_the_blow_up(receiver: GrpcMetricsReceiver) -> None:
+    assert last(receiver, "llm.guard.actions", llm_guard_action="clip_on_rebound") == 1
+    norms = [p.value for p in receiver.points("llm.grad.norm")]
+    assert all(math.isfinite(n) for n in norms)
+
+
 @dataclass(frozen=True)
 class Example:
     script: str
@@ -99,6 +115,7 @@ EXAMPLES = [
     Example("lightning_train.py", steps=16),
     Example("generate_kv_cache.py", check=kv_cache_counts),
     Example("anomaly_lr_blowup.py", ("--steps", "260", "--blow-up-at", "180"), steps=260, check=gradient_anomalies),
+    Example("guards.py", steps=60, check=guard_damps_the_blow_up),
 ]
 
 

@@ -32,6 +32,7 @@ UNITS = {
     "llm.train.flops": "flops", "llm.train.input_wait.duration": "s", "llm.train.compute.duration": "s",
     "llm.train.checkpoint.duration": "s", "llm.train.last_step.timestamp": "s", "llm.train.step.slowest": "s",
     "llm.train.step.fastest": "s", "llm.memory.peak_allocated": "bytes", "llm.memory.peak_reserved": "bytes",
+    "llm.guard.actions": "count:actions/s",
 }
 
 

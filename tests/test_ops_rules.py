@@ -28,7 +28,8 @@ CHECKED_IN = ROOT / "collector_configs/prometheus/rules.yml"
 EXPECTED_FOR = {"warning": "5m", "critical": "1m"}  # the defaults the README documents
 OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
 PROCESS = {"job": "trainer", "llm_rank": "0", "llm_world_size": "1"}
-ATTRIBUTE_VALUES = {"llm.layer": "3", "llm.device": "cuda:1", "llm.param.group": "all", "llm.signal": "llm.grad.norm"}
+ATTRIBUTE_VALUES = {"llm.layer": "3", "llm.device": "cuda:1", "llm.param.group": "all", "llm.signal": "llm.grad.norm",
+                    "llm.guard.action": "lr_backoff"}
 SAMPLES = 21  # one per minute, 0m..20m
 VALUE = '{{ $value | printf "%.4g" }}'
 

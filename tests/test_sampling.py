@@ -113,10 +113,14 @@ def test_back_off_and_plateau_compound_but_never_pass_the_maximum():
 
 
 def test_inputs_decode_from_the_agreed_vector():
-    decoded = SamplingInputs.decode(torch.tensor([-math.inf, 1.0, 0.0, 0.5, 0.3, -0.1],
+    decoded = SamplingInputs.decode(torch.tensor([-math.inf, 1.0, 0.0, 0.5, 0.3, -0.1, 0.9, 0.2],
                                                  dtype=torch.float64).numpy())
     assert math.isnan(decoded.loss) and decoded.nonfinite and not decoded.anomaly and decoded.memory_pressure == 0.5
     assert (decoded.slowest_step, decoded.fastest_step) == (0.3, 0.1)  # MAX of t and of -t
+    assert decoded.decay_high == 0.9 and decoded.decay_low == -0.2  # the lowest rate rides negated under MAX
+    unknown = SamplingInputs.decode(torch.tensor([1.0, 0.0, 0.0, 0.0, -math.inf, -math.inf, -math.inf,
+                                                  -math.inf]).numpy())
+    assert unknown.decay_high is None and unknown.decay_low is None
 
 
 def test_step_times_unknown_on_every_rank_decode_as_nan():

@@ -1,4 +1,4 @@
-"""Anomaly events as OpenTelemetry log records, so a dashboard can show them as annotations.
+"""Anomaly events and guard actions as OpenTelemetry log records, so a dashboard can show them as annotations.
 
 ``OTEL_LOGS_EXPORTER`` selects the exporters the way the SDK's own configuration
 does: unset or ``none`` exports no records; a comma list names entry points of
@@ -23,15 +23,19 @@ from opentelemetry.sdk._logs import LoggerProvider, ReadableLogRecord
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter, LogRecordExportResult
 from opentelemetry.sdk.resources import Resource
 
-from otel_llm.catalog import ATTR_ANOMALY_SCORE, ATTR_ANOMALY_THRESHOLD, ATTR_SIGNAL, ATTR_STEP
+from otel_llm.catalog import ATTR_ANOMALY_SCORE, ATTR_ANOMALY_THRESHOLD, ATTR_GUARD_ACTION, ATTR_SIGNAL, ATTR_STEP
 from otel_llm.export import log_limits
+from otel_llm.guards.action import GuardAction
 from otel_llm.pipeline.anomaly import Anomaly
 from otel_llm.version import __version__
 
-__all__ = ["EVENT_NAME", "EXPORTER_GROUP", "AnomalyLog", "build_logger_provider", "known_exporters"]
+__all__ = ["EVENT_NAME", "EXPORTER_GROUP", "GUARD_EVENT_NAME", "AnomalyLog", "GuardLog", "build_logger_provider",
+           "known_exporters"]
 
 EVENT_NAME = "llm.anomaly"
 """``event_name`` of every anomaly record."""
+GUARD_EVENT_NAME = "llm.guard"
+"""``event_name`` of every guard-action record."""
 EXPORTER_GROUP = "opentelemetry_logs_exporter"
 _OTLP_BY_PROTOCOL = {"grpc": "otlp_proto_grpc", "http/protobuf": "otlp_proto_http"}
 
@@ -101,3 +105,17 @@ class AnomalyLog:
                  f"> {threshold:g}",
             attributes={**anomaly.attributes, ATTR_SIGNAL: anomaly.signal, ATTR_STEP: anomaly.step,
                         ATTR_ANOMALY_SCORE: anomaly.score, ATTR_ANOMALY_THRESHOLD: threshold})
+
+
+class GuardLog:
+    """Writes each guard action as one WARN log record: the guard, the step, the reason and the values."""
+
+    def __init__(self, provider: LoggerProvider) -> None:
+        self._logger = provider.get_logger("otel_llm", __version__)
+
+    def emit(self, action: GuardAction) -> None:
+        self._logger.emit(
+            timestamp=time.time_ns(), severity_number=SeverityNumber.WARN, severity_text="WARN",
+            event_name=GUARD_EVENT_NAME, body=action.describe(),
+            attributes={**{f"llm.guard.{key}": value for key, value in action.values.items()},
+                        ATTR_GUARD_ACTION: action.action, ATTR_STEP: action.step})

@@ -10,7 +10,9 @@ and backward inside ``optimizer.step(closure)``, after the optimizer's pre-step
 hook, so the gradient signals are read in ``on_before_optimizer_step`` instead:
 the accumulated gradients before Lightning's gradient clipping.
 ``llm.train.loss`` is the mean of the losses ``training_step`` returned over the
-step's micro-batches. The session shuts down on train end (or on an exception).
+step's micro-batches. The guards see the gradients there too, and
+``lr_backoff`` scales the base rates of the module's LR schedulers. The session
+shuts down on train end (or on an exception).
 """
 
 from __future__ import annotations
@@ -71,7 +73,9 @@ class OtelLlmCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizers = [innermost_optimizer(o) for o in trainer.optimizers]
         # with several optimizers the session follows the first one that steps
-        self._run.start(_trained_model(pl_module), optimizers[0] if len(optimizers) == 1 else None)
+        telemetry = self._run.start(_trained_model(pl_module), optimizers[0] if len(optimizers) == 1 else None)
+        for scheduler_config in trainer.lr_scheduler_configs:  # lr_backoff scales their base rates
+            telemetry.follow_scheduler(scheduler_config.scheduler)
         self._losses = []
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:

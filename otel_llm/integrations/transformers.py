@@ -10,8 +10,9 @@ step is one optimizer update over all ``gradient_accumulation_steps``
 micro-batches, as the Trainer's ``global_step`` counts. ``llm.train.loss`` is
 the loss the Trainer logs for the step (the sum of its ``training_step`` values,
 seen by the session's loss probe, also under zero code and for TRL's trainers),
-and ``llm.train.learning_rate`` the rate it logs. The session shuts down on
-train end.
+and ``llm.train.learning_rate`` the rate it logs. The Trainer's LR scheduler is
+handed to the guards, so ``lr_backoff`` scales its base rates. The session
+shuts down on train end.
 """
 
 from __future__ import annotations
@@ -61,18 +62,21 @@ class OtelLlmCallback(TrainerCallback):
         return self._run.telemetry
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None,
-                       optimizer: Any = None, **kwargs: Any) -> None:
+                       optimizer: Any = None, lr_scheduler: Any = None, **kwargs: Any) -> None:
         self._end()  # a previous train() that raised
         inner = innermost_optimizer(optimizer)
-        self._run.start(model, inner)
+        telemetry = self._run.start(model, inner)
         self._has_optimizer = inner is not None
+        telemetry.follow_scheduler(_scheduler(lr_scheduler))
 
-    def on_step_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+    def on_step_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, lr_scheduler: Any = None,
+                      **kwargs: Any) -> None:
         telemetry = self._run.telemetry
         if telemetry is not None and not self._has_optimizer:  # created after train begin (older Trainers)
             inner = innermost_optimizer(optimizer)
             if inner is not None:
                 telemetry.attach(optimizer=inner)
+                telemetry.follow_scheduler(_scheduler(lr_scheduler))
                 self._has_optimizer = True
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -80,6 +84,11 @@ class OtelLlmCallback(TrainerCallback):
 
     def _end(self) -> None:
         self._run.end()
+
+
+def _scheduler(lr_scheduler: Any) -> Any:
+    """The torch scheduler inside accelerate's wrapper (its ``scheduler``), or the one given."""
+    return getattr(lr_scheduler, "scheduler", lr_scheduler)
 
 
 def _register_report_to() -> None:

@@ -25,6 +25,7 @@ from otel_llm.catalog import (
     ATTR_SIGNAL,
     CATALOG,
     GRAD_SPARSITY,
+    GUARD_ACTIONS,
     MEMORY_PEAK_RESERVED,
     TRAIN_CHECKPOINT,
     TRAIN_LEARNING_RATE,
@@ -47,8 +48,8 @@ SCALE_RANKS: Final = (8, 256, 1024)
 
 _ABSENT_IN_TRAINING: Final = ("kv_cache",)
 """Families that appear only when a KV cache is used (generation, serving), never in a training step."""
-_ONLY_ON_FAULTS: Final = (TRAIN_SKIPPED_STEPS,)
-"""Series that appear only once something went wrong (an update DeepSpeed skipped): not in the plan."""
+_ONLY_ON_FAULTS: Final = (TRAIN_SKIPPED_STEPS, GUARD_ACTIONS)
+"""Series that appear only once something went wrong (an update skipped, a guard acting): not in the plan."""
 _RUN_DEPENDENT: Final = (TRAIN_MFU, TRAIN_CHECKPOINT, MEMORY_PEAK_RESERVED)
 """Series that depend on the hardware and the script, not the shape: MFU (a known peak FLOP/s), checkpoint
 saves (a save), reserved bytes (CUDA). Not in the plan: at most three series more per rank."""

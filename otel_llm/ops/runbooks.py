@@ -56,4 +56,9 @@ RUNBOOKS: Final[dict[str, str]] = {
         "alone at the data or labels, on the activation or attention signals of one layer at that layer's "
         "weights. Compare with llm_train_loss and resume from the last good checkpoint if the loss does not "
         "recover."),
+    "LlmGuardActionsIncreasing": (
+        "A guard (llm_guard_action) changed training: skip_nonfinite skipped an update with NaN/Inf gradients, "
+        "lr_backoff lowered the learning rate after the gradient norm kept collapsing, clip_on_rebound turned "
+        "on clipping after it kept growing. The log line and record (event llm.guard) give the step and the "
+        "values; repeated actions mean the cause persists: check the data, the learning rate and the warmup."),
 }

@@ -7,11 +7,12 @@ data-parallel rank therefore samples the same steps and no rank ever enters a
 telemetry collective the others skip.
 
 The agreement: every rank encodes [loss, non-finite flag, anomaly flag, memory
-pressure, step time, -step time] of its sampled step into a device vector
+pressure, step time, -step time, decay rate, -decay rate] of its sampled step into a device vector
 (:meth:`SamplingInputs.encode`); one MAX all-reduce makes it equal everywhere,
 and the vector then rides along in the step's single device-to-host transfer,
 so agreeing costs no extra sync; :meth:`SamplingInputs.decode` reads it back.
-The last two give the slowest and the fastest rank's step time for free.
+The step times give the slowest and the fastest rank's step time for free; the
+guards (:mod:`otel_llm.guards`) read the decay rates: the highest and the lowest over ranks.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from otel_llm.catalog import GRAD_NORM, MEMORY_PRESSURE, TRAIN_LOSS
+from otel_llm.catalog import GRAD_NORM, GRAD_NORM_DECAY_RATE, MEMORY_PRESSURE, TRAIN_LOSS
 from otel_llm.probes.base import StepValues
 from otel_llm.runtime.rank import data_parallel_world
 
@@ -41,7 +42,9 @@ class SamplingInputs:
     ``loss`` is the largest finite per-rank loss (NaN when none is known),
     ``memory_pressure`` the largest per-rank pressure (0 when unknown);
     ``slowest_step`` / ``fastest_step`` the largest / smallest per-rank mean step
-    time (NaN when no rank knows one).
+    time (NaN when no rank knows one);
+    ``decay_high`` / ``decay_low`` the highest / lowest finite per-rank gradient-norm
+    decay rate (None when no rank measured one).
     """
 
     loss: float = math.nan
@@ -50,6 +53,8 @@ class SamplingInputs:
     memory_pressure: float = 0.0
     slowest_step: float = math.nan
     fastest_step: float = math.nan
+    decay_high: float | None = None
+    decay_low: float | None = None
 
     @staticmethod
     def encode(values: StepValues, anomalies: int, device: torch.device,
@@ -70,7 +75,12 @@ class SamplingInputs:
         flags = torch.tensor([float(anomalies > 0), float(pressure or 0.0),
                               step_seconds if known else -math.inf, -step_seconds if known else -math.inf],
                              dtype=torch.float64).to(device)
-        vector = torch.cat([agreed_loss.reshape(1), nonfinite.double().reshape(1), flags])
+        decay = _on_device(values.first(GRAD_NORM_DECAY_RATE), device)
+        if decay is None:
+            decays = torch.full((2,), float("-inf"), dtype=torch.float64, device=device)
+        else:
+            decays = torch.where(torch.isfinite(decay), torch.stack([decay, -decay]), float("-inf"))
+        vector = torch.cat([agreed_loss.reshape(1), nonfinite.double().reshape(1), flags, decays.reshape(2)])
         if data_parallel_world() > 1:
             import torch.distributed as dist
 
@@ -80,10 +90,12 @@ class SamplingInputs:
     @classmethod
     def decode(cls, vector: np.ndarray) -> SamplingInputs:
         """The agreed inputs from the host copy of :meth:`encode`'s vector (-inf loss: none finite)."""
-        loss, nonfinite, anomaly, pressure, slowest, negated_fastest = (float(v) for v in vector[:6])
+        loss, nonfinite, anomaly, pressure, slowest, negated_fastest, high, negated_low = (
+            float(v) for v in vector[:8])
         return cls(loss if math.isfinite(loss) else math.nan, nonfinite > 0, anomaly > 0, max(pressure, 0.0),
                    slowest if math.isfinite(slowest) else math.nan,
-                   -negated_fastest if math.isfinite(negated_fastest) else math.nan)
+                   -negated_fastest if math.isfinite(negated_fastest) else math.nan,
+                   high if math.isfinite(high) else None, -negated_low if math.isfinite(negated_low) else None)
 
 
 def _on_device(value: torch.Tensor | float | None, device: torch.device) -> torch.Tensor | None:
