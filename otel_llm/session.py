@@ -11,6 +11,7 @@ counters. Everything a probe measures is the probe's business
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import math
 import threading
@@ -77,6 +78,16 @@ def active() -> Instrumentation | None:
     return max(live, key=lambda s: s._started) if live else None
 
 
+def _deliver_anomaly(sinks: list[AnomalySink], anomaly: Anomaly, threshold: float) -> None:
+    """The publisher flagged ``anomaly``: the log record, then the user's callbacks (exporter thread)."""
+    for sink in list(sinks):
+        try:
+            sink(anomaly, threshold)
+        except Exception:  # noqa: BLE001 - a callback must not stop the exporter thread
+            once(_logger, logging.WARNING, ("on_anomaly", id(sink)),
+                 "otel_llm: an on_anomaly callback raised; it keeps being called", exc_info=True)
+
+
 def _shutdown_all() -> None:
     for session in list(_sessions):
         session.shutdown()
@@ -132,7 +143,9 @@ class Instrumentation:
         self._meter = meter
         logs = self._bundle.logger_provider
         self._anomaly_sinks: list[AnomalySink] = [AnomalyLog(logs).emit] if logs is not None else []
-        self._publisher = Publisher(meter, make_monitor(self.config), on_anomaly=self._anomaly)
+        # the sinks, not a method: the exporter thread must not keep a shut-down session alive
+        self._publisher = Publisher(meter, make_monitor(self.config),
+                                    on_anomaly=functools.partial(_deliver_anomaly, self._anomaly_sinks))
         self._guards = make_guards(self.config, GuardLog(logs).emit if logs is not None else None)
         self._user = UserMetrics(meter, schema, self._bundle.schema, self._publisher.count_nonfinite)
 
@@ -385,15 +398,6 @@ class Instrumentation:
                 self._skip_update(withheld)
                 return
         self._end_step(optimizer)
-
-    def _anomaly(self, anomaly: Anomaly, threshold: float) -> None:
-        """The publisher flagged ``anomaly``: the log record, then the user's callbacks (exporter thread)."""
-        for sink in list(self._anomaly_sinks):
-            try:
-                sink(anomaly, threshold)
-            except Exception:  # noqa: BLE001 - a callback must not stop the exporter thread
-                once(_logger, logging.WARNING, ("on_anomaly", id(sink)),
-                     "otel_llm: an on_anomaly callback raised; it keeps being called", exc_info=True)
 
     def _on_update(self, wrapper: Any, begins: bool) -> None:
         """A DeepSpeed wrapper's ``step()`` begins or returns: the bounds of one update of its torch optimizer."""
