@@ -29,7 +29,8 @@ def _norms(tensors: Sequence[torch.Tensor], order: float, device: torch.device) 
     if not low or len(low) == len(tensors):
         dtype = torch.float32 if low else None
         return torch.stack(torch._foreach_norm(list(tensors), order, dtype=dtype)).to(device, torch.float64)
-    wide = [index for index in range(len(tensors)) if index not in set(low)]
+    low_set = set(low)
+    wide = [index for index in range(len(tensors)) if index not in low_set]
     parts = [torch._foreach_norm([tensors[i] for i in low], order, dtype=torch.float32),
              torch._foreach_norm([tensors[i] for i in wide], order)]
     stacked = torch.cat([torch.stack(part).to(device, torch.float64) for part in parts])

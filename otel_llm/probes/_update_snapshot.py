@@ -18,6 +18,7 @@ keep their storage, so a sampled step copies them with one multi-tensor kernel.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -62,8 +63,8 @@ class SnapshotPlan:
         if total <= budget:
             return cls(list(tensors), None, storage)
         stride = _prime_at_least(-(-total // max(1, budget)))
-        generator = torch.Generator().manual_seed(seed)
-        offsets = torch.randint(stride, (len(tensors),), generator=generator).tolist()
+        draw = random.Random(seed)  # host-side: the same offsets on every rank, no tensor made
+        offsets = [draw.randrange(stride) for _ in tensors]
         views: list[torch.Tensor] = []
         weights: list[float] = []
         for tensor, offset in zip(tensors, offsets):
