@@ -79,6 +79,14 @@ def _allowed_and_bias(call: AttentionCall, positions: torch.Tensor, query_len: i
     return allowed, bias
 
 
+def _additive(allowed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The call's bias with masked keys at ``_MASKED``, at the (small) shape of the mask, not of the logits.
+
+    Added in place to the logits it costs one pass where a broadcast masked_fill costs several.
+    """
+    return torch.where(allowed, 0.0 if bias is None else bias, _MASKED)
+
+
 class LayerStatistics:
     """Running sums behind the four per-layer attention signals."""
 
@@ -114,10 +122,12 @@ class LayerStatistics:
         if call.softcap is not None:
             logits = torch.tanh(logits / call.softcap).mul_(call.softcap)
         allowed, bias = _allowed_and_bias(call, positions, query_len, key_len)
-        if bias is not None:
-            logits = logits + bias
         if allowed is None:
             allowed = torch.ones((), dtype=torch.bool, device=query.device)
+            if bias is not None:
+                logits.add_(bias)
+        else:
+            logits.add_(_additive(allowed, bias))
         probs, valid = self._fold(logits, allowed, positions)
         outputs = probs.view(batch, kv_heads, -1, key_len) @ value.float()
         outputs = outputs.view(batch, heads, -1, outputs.shape[-1]) * valid[..., None]
@@ -132,24 +142,25 @@ class LayerStatistics:
             raise ValueError(f"unsupported attention score layout {tuple(scores.shape)}")
         positions = query_positions(scores.shape[2], max_queries, scores.device)
         sampled = scores.index_select(2, positions)
-        self._fold(sampled.float(), sampled > torch.finfo(scores.dtype).min, positions)
+        allowed = sampled > torch.finfo(scores.dtype).min
+        self._fold(sampled.float().masked_fill_(~allowed, _MASKED), allowed, positions)
 
     def _fold(self, logits: torch.Tensor, allowed: torch.Tensor, positions: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Add entropy, logit max and sink terms of (B, H, n, K) logits; returns (probabilities, valid rows).
 
-        Masked keys get a huge negative logit rather than -inf so that every
-        row stays finite; rows with no key to attend are then excluded by ``valid``.
+        Masked keys hold ``_MASKED`` (huge and negative, not -inf) so every row stays finite; rows with
+        no key to attend are then excluded by ``valid``. One softmax serves every term: with m the row's
+        max logit, log-sum-exp = m - log(max p) (the largest probability is exp(m - lse)), so the entropy
+        lse - sum(p * logit) needs no second (log-)softmax pass.
         """
         valid = allowed.any(-1).expand(logits.shape[:-1])  # reduced before broadcasting: cheap for shared masks
-        filled = logits.masked_fill(~allowed, _MASKED) if allowed.dim() else logits
-        log_probs = torch.log_softmax(filled, dim=-1)
-        probs = torch.softmax(filled, dim=-1)  # fused: exp() of underflowing logits is slow on CPU
-        entropy = -(probs * log_probs).sum(-1)
+        probs = torch.softmax(logits, dim=-1)
+        row_max = logits.amax(-1)
+        entropy = (row_max - torch.linalg.vecdot(probs, logits)).sub_(probs.amax(-1).log_())
         self.entropy_sum += (entropy * valid).sum((0, 2))
         self.entropy_count += valid.sum((0, 2))
-        row_max = torch.where(valid, filled.amax(-1), -math.inf)
-        self.logit_max = torch.maximum(self.logit_max, row_max.amax())
+        self.logit_max = torch.maximum(self.logit_max, torch.where(valid, row_max, -math.inf).amax())
         later = valid & (positions > 0)
         self.sink_sum += (probs[..., 0] * later).sum()
         self.sink_count += later.sum()

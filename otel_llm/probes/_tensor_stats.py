@@ -1,9 +1,12 @@
 """Statistics over lists of tensors with a number of kernels that does not grow with the list.
 
-Every statistic is one multi-tensor (``torch._foreach_*``) kernel per pass, and the
-per-tensor results are stacked once, so a 32-layer model launches as many kernels as
-a 4-layer one. The only statistic that needs a temporary the size of its input (the
-count of elements above a threshold) runs in waves of at most ``budget`` bytes.
+On accelerators every statistic is one multi-tensor (``torch._foreach_*``) kernel per
+pass, and the per-tensor results are stacked once, so a 32-layer model launches as
+many kernels as a 4-layer one. On CPU, where nothing is launched and every pass over
+memory is what costs, the count of elements above a threshold runs tensor by tensor
+in two passes instead of the four its multi-tensor form takes. That count is the only
+statistic that needs a temporary the size of its input; it runs in waves of at most
+``budget`` bytes.
 """
 
 from __future__ import annotations
@@ -12,10 +15,26 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["counts_above", "squared_norms"]
+__all__ = ["PER_TENSOR_DEVICES", "counts_above", "floor_in_dtype", "squared_norms"]
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+PER_TENSOR_DEVICES = frozenset({"cpu"})
+"""Device types where a per-tensor loop beats a multi-tensor kernel: no launch to save, fewer passes to make."""
+
+
+def floor_in_dtype(threshold: float, dtype: torch.dtype) -> float:
+    """The largest ``dtype`` value not above ``threshold`` (>= 0).
+
+    ``abs(x) <= floor`` computed in ``dtype`` then agrees exactly with
+    ``abs(x) <= threshold`` in float64, without a float32 copy of bf16 tensors.
+    """
+    value = torch.tensor(threshold, dtype=torch.float64).to(dtype)
+    if float(value) > threshold:
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[value.element_size()]
+        value = (value.view(bits) - 1).view(dtype)
+    return float(value)
 
 
 def _norms(tensors: Sequence[torch.Tensor], order: float, device: torch.device) -> torch.Tensor:
@@ -70,16 +89,28 @@ def _pieces(tensors: Sequence[torch.Tensor], budget: int) -> tuple[list[list[tor
 def counts_above(tensors: Sequence[torch.Tensor], threshold: float, device: torch.device, budget: int) -> torch.Tensor:
     """Per tensor, how many elements have abs > ``threshold`` (float64 vector on ``device``).
 
-    relu(|g| - threshold) is zero exactly where |g| <= threshold (IEEE subtraction of
-    distinct values never gives zero), and its L0 norm counts the rest. The temporary
-    holds at most ``budget`` bytes at a time.
+    Both paths compare with the threshold's floor in g's dtype (exact, see
+    :func:`floor_in_dtype`). Multi-tensor: relu(|g| - floor) is zero exactly where
+    |g| <= floor (IEEE subtraction of distinct values never gives zero), and its L0 norm
+    counts the rest. Per tensor (CPU): |g| > floor, counted. The temporary holds at most
+    ``budget`` bytes at a time.
     """
-    waves, owners = _pieces(tensors, budget)
+    per_tensor = bool(tensors) and tensors[0].device.type in PER_TENSOR_DEVICES
+    # per tensor, |piece| and its mask (at most 1.5x the piece for 2-byte dtypes) live together
+    waves, owners = _pieces(tensors, budget // 2 if per_tensor else budget)
     counts: list[torch.Tensor] = []
+    floors = {dtype: floor_in_dtype(threshold, dtype) for dtype in {t.dtype for t in tensors}}
     for wave in waves:
+        if per_tensor:
+            wave_counts = [torch.count_nonzero(piece.abs() > floors[piece.dtype]) for piece in wave]
+            counts.append(torch.stack(wave_counts).to(device, torch.float64))
+            continue
         excess = torch._foreach_abs(wave)
-        torch._foreach_sub_(excess, threshold)
-        torch._foreach_clamp_min_(excess, 0.0)
+        for dtype, floor in floors.items():  # in place, per dtype class: the order of ``excess`` is kept
+            same = [piece for piece in excess if piece.dtype == dtype]
+            if same:
+                torch._foreach_sub_(same, floor)
+                torch._foreach_clamp_min_(same, 0.0)
         counts.append(_norms(excess, 0, device))
         del excess
     stacked = torch.cat(counts)

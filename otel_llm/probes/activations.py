@@ -24,9 +24,10 @@ from otel_llm.config import Config
 from otel_llm.environment_variables import OTEL_LLM_MLP_OUTPUT_PATH
 from otel_llm.probes._forward import TokenMask, first_tensor, in_step_forward, layer_index
 from otel_llm.probes._measuring import measuring
+from otel_llm.probes._tensor_stats import floor_in_dtype
 from otel_llm.probes.base import Probe, StepValues
 
-__all__ = ["MLP_OUTPUT_PATHS", "ActivationProbe", "floor_in_dtype", "mlp_output"]
+__all__ = ["MLP_OUTPUT_PATHS", "ActivationProbe", "mlp_output"]
 
 _logger = logging.getLogger(__name__)
 
@@ -44,19 +45,6 @@ def mlp_output(layer: torch.nn.Module, path: str | None = None) -> torch.nn.Modu
         except AttributeError:
             continue
     return None
-
-
-def floor_in_dtype(threshold: float, dtype: torch.dtype) -> float:
-    """The largest ``dtype`` value not above ``threshold`` (>= 0).
-
-    ``abs(x) <= floor`` computed in ``dtype`` then agrees exactly with
-    ``abs(x) <= threshold`` in float64, without a float32 copy of bf16 activations.
-    """
-    value = torch.tensor(threshold, dtype=torch.float64).to(dtype)
-    if float(value) > threshold:
-        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[value.element_size()]
-        value = (value.view(bits) - 1).view(dtype)
-    return float(value)
 
 
 class _LayerStats:

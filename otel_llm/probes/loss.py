@@ -17,8 +17,8 @@ leaves that family absent, said once in an info line.
 
 Per call (training, grad enabled) the probe recomputes, without gradients and
 in float32, the per-token losses with the call's own options and the log-sum-exp
-of the logits, in chunks of :data:`RECOMPUTE_CHUNK_BYTES` of float32 logits;
-everything stays on the device. ``finish()`` reduces the whole
+of the logits (both from one log-softmax pass), in chunks of
+:data:`RECOMPUTE_CHUNK_BYTES` of float32 logits; everything stays on the device. ``finish()`` reduces the whole
 step (all micro-batches) to the loss, skewness and z-loss plus a uniform,
 on-device subsample of at most ``token_loss_samples`` per-token losses.
 """
@@ -197,11 +197,13 @@ class LossProbe(Probe):
         for start in range(0, logits.shape[0], rows):
             chunk = logits[start:start + rows].float()
             chunk_labels = labels[start:start + rows]
-            chunk_lse = torch.logsumexp(chunk, dim=-1)
-            lse.append(chunk_lse)
-            if plain:  # -log softmax at the target = lse - logit[target], without a second pass
-                picked = chunk.gather(1, chunk_labels.clamp(0, chunk.shape[1] - 1).unsqueeze(1)).squeeze(1)
-                losses.append(chunk_lse - picked)
+            # one fused log_softmax serves both: lse = max logit - log p(argmax), where log p is in [-log C, 0]
+            log_probs = torch.log_softmax(chunk, dim=-1)
+            top, top_index = chunk.max(dim=-1, keepdim=True)
+            lse.append((top - log_probs.gather(1, top_index)).squeeze(1))
+            if plain:  # the token loss is -log p at the target
+                target_index = chunk_labels.clamp(0, chunk.shape[1] - 1).unsqueeze(1)
+                losses.append(log_probs.gather(1, target_index).squeeze(1).neg_())
                 continue
             losses.append(_recompute(
                 chunk, chunk_labels.float() if chunk_labels.is_floating_point() else chunk_labels,

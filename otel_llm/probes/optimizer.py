@@ -179,7 +179,8 @@ class _Update:
     step: int
     sampled: bool
     grads: torch.Tensor | None = None
-    """This rank's totals: sum g^2, then (sampled) count |g| > threshold, size, and both per family."""
+    """This rank's totals: sum g^2, then (sampled, sparsity exported) count |g| > threshold, size, and both
+    per family."""
     group: Any = None
     seen: set[tuple[int, ...]] = field(default_factory=set)
     """The parameter lists of the inner steps so far (DeepSpeed: one flat partition each)."""
@@ -211,6 +212,7 @@ class OptimizerProbe(Probe):
         self._threshold = config.grad_sparsity_threshold
         self._sample = CoordinateSample(config.update_sample_size, config.update_sample_seed)
         self._updates = self.enabled(PARAM_UPDATE_RATIO) or self.enabled(PARAM_UPDATE_VARIANCE_RATIO)
+        self._sparsity = self.enabled(GRAD_SPARSITY)
         self._prev_norm: tuple[int, torch.Tensor] | None = None
         self._reducers: dict[tuple[int, ...], ShardReducer] = {}
         self._partitions: tuple[int, Partitions | None] | None = None
@@ -343,11 +345,11 @@ class OptimizerProbe(Probe):
 
     def _gradient_partials(self, with_grad: list[torch.Tensor], reducer: ShardReducer, sampled: bool,
                            update: _Update) -> list[torch.Tensor]:
-        """Per view: squared norm; sampled, also elements above the threshold and size."""
+        """Per view: squared norm; sampled (sparsity exported), also elements above the threshold and size."""
         grads = reducer.views([cast(torch.Tensor, p.grad) for p in with_grad])
         device = grads[0].device
         partials = [squared_norms(grads, device)]
-        if sampled:
+        if sampled and self._sparsity:
             above = counts_above(grads, self._threshold, device, self._budget(grads))
             sizes = reducer.constant("sizes", [float(g.numel()) for g in grads], device)
             partials += [above, sizes]
@@ -391,7 +393,7 @@ class OptimizerProbe(Probe):
             if previous is not None and previous[0] == update.step - 1:
                 before_norm = previous[1].to(norm.device)
                 out.gauge(GRAD_NORM_DECAY_RATE, (before_norm - norm) / (before_norm + 1e-8))
-        if grad_count:
+        if grad_count and self._sparsity:
             out.gauge(GRAD_SPARSITY, (totals[2] - totals[1]) / totals[2], {ATTR_PARAM_GROUP: "all"})
             for offset, name in enumerate(self._families):
                 if name in update.families:
