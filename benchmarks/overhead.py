@@ -8,7 +8,11 @@ workload runs in the same process on the same model and optimizer, in interleave
 blocks, so machine noise hits them alike; each block instruments (or calls
 ``wandb.init(mode="offline")`` + ``wandb.watch``), trains, and shuts down outside the
 timed steps. The table shows the mean step time (what a run pays; the median hides
-periodic work such as a sampled step every 10) and the median, with ratios to bare.
+periodic work such as a sampled step every 10) and the median. A ratio to bare is
+taken within each round (a block of the variant over the bare block beside it) and
+the table shows the median over rounds: a stall of the machine during one block
+moves one round's ratio, not the result. Blocks are a multiple of 10 steps, so every
+block of the fixed-every-10 variant holds the same share of sampled steps.
 
 Variants: bare; otel_llm's default policy past its warm-up; fixed every 10th step;
 every step (the cost of a sampled step); never sampled (the cost of an unsampled step:
@@ -23,7 +27,7 @@ with S the sampled steps of that schedule when no spike or anomaly tightens it
 (warm-up plus every ``sampling_min_interval``-th step; the policy samples less on plateaus
 and after growth), and ``sampled``/``unsampled`` the every-step and never-sampled rows.
 
-    python benchmarks/overhead.py [--workload llama|nanogpt|both] [--blocks 3] [--steps 40]
+    python benchmarks/overhead.py [--workload llama|nanogpt|both] [--blocks 8] [--steps 20]
 
 ``pip install -e ".[bench]"`` installs wandb; without it the wandb rows say so.
 """
@@ -204,48 +208,63 @@ def sampled_steps_of_default_run(steps: int) -> int:
     return sampled
 
 
-def measure(work: Workload, blocks: int, steps: int) -> dict[str, list[float]]:
-    variants = {name: make for name, make in VARIANTS.items() if not name.startswith("wandb") or _has_wandb()}
-    samples: dict[str, list[float]] = {name: [] for name in variants}
+Variant = Callable[[Workload], contextlib.AbstractContextManager[None]]
+
+
+def measure(work: Workload, blocks: int, steps: int,
+            variants: dict[str, Variant] | None = None) -> dict[str, list[list[float]]]:
+    """Per variant, the step times of each of its ``blocks`` blocks (one block of every variant per round)."""
+    if variants is None:
+        variants = {name: make for name, make in VARIANTS.items() if not name.startswith("wandb") or _has_wandb()}
+    samples: dict[str, list[list[float]]] = {name: [] for name in variants}
     run_block(work, _bare, 5, seed=0)
     for block in range(blocks):
         for name, variant in variants.items():
-            samples[name].extend(run_block(work, variant, steps, seed=block))
+            samples[name].append(run_block(work, variant, steps, seed=block))
     return samples
 
 
-def report(work: Workload, samples: dict[str, list[float]], blocks: int, steps: int) -> None:
-    bare_mean, bare_median = statistics.fmean(samples["bare"]), statistics.median(samples["bare"])
-    means = {name: statistics.fmean(times) for name, times in samples.items()}
+def paired_ratio(blocks: list[list[float]], bare: list[list[float]]) -> float:
+    """Median over rounds of the block's mean step time over the bare block's of the same round."""
+    return statistics.median(statistics.fmean(times) / statistics.fmean(base) for times, base in zip(blocks, bare))
+
+
+def report(work: Workload, samples: dict[str, list[list[float]]], blocks: int, steps: int) -> None:
+    pooled = {name: [t for block in times for t in block] for name, times in samples.items()}
+    bare = samples["bare"]
+    bare_median = statistics.median(pooled["bare"])
+    means = {name: statistics.fmean(times) for name, times in pooled.items()}
+    ratios = {name: paired_ratio(times, bare) for name, times in samples.items()}
     print(f"\n{work.description}; CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"{blocks} interleaved blocks x {steps} steps per variant")
+          f"{blocks} interleaved rounds x {steps} steps per variant")
     print(f"| {'variant':<42} | mean ms | mean / bare | median ms | median / bare |")
     print(f"|{'-' * 44}|---:|---:|---:|---:|")
-    for name, times in samples.items():
+    for name, times in pooled.items():
         median = statistics.median(times)
-        print(f"| {name:<42} | {means[name] * 1e3:.2f} | {means[name] / bare_mean:.3f} | {median * 1e3:.2f} | "
+        print(f"| {name:<42} | {means[name] * 1e3:.2f} | {ratios[name]:.3f} | {median * 1e3:.2f} | "
               f"{median / bare_median:.3f} |")
     sampled_steps = sampled_steps_of_default_run(RUN_STEPS)
-    whole = (sampled_steps * means["otel_llm every step (sampled step)"]
-             + (RUN_STEPS - sampled_steps) * means["otel_llm never sampled (unsampled step)"]) / RUN_STEPS
-    print(f"| {f'otel_llm default, whole {RUN_STEPS}-step run*':<42} | {whole * 1e3:.2f} | {whole / bare_mean:.3f} "
+    sampled, unsampled = "otel_llm every step (sampled step)", "otel_llm never sampled (unsampled step)"
+    whole = (sampled_steps * means[sampled] + (RUN_STEPS - sampled_steps) * means[unsampled]) / RUN_STEPS
+    whole_ratio = (sampled_steps * ratios[sampled] + (RUN_STEPS - sampled_steps) * ratios[unsampled]) / RUN_STEPS
+    print(f"| {f'otel_llm default, whole {RUN_STEPS}-step run*':<42} | {whole * 1e3:.2f} | {whole_ratio:.3f} "
           f"| | |")
-    print(f"\n* composed: {sampled_steps} sampled steps (warm-up included) x the every-step mean + "
-          f"{RUN_STEPS - sampled_steps} unsampled x the never-sampled mean")
+    print(f"\n* composed: {sampled_steps} sampled steps (warm-up included) x the every-step cost + "
+          f"{RUN_STEPS - sampled_steps} unsampled x the never-sampled cost")
     if not _has_wandb():
         print('wandb is not installed (pip install -e ".[bench]"): no wandb.watch rows')
         return
-    for frequency, ours in ((10, "otel_llm fixed every 10"), (1, "otel_llm every step (sampled step)")):
-        theirs = means[f"wandb.watch(log='all', log_freq={frequency})"] - bare_mean
-        print(f"overhead at log_freq {frequency}: otel_llm {(means[ours] - bare_mean) / bare_mean:+.1%}, "
-              f"wandb.watch {theirs / bare_mean:+.1%}, ratio {(means[ours] - bare_mean) / theirs:.3f}")
+    for frequency, ours in ((10, "otel_llm fixed every 10"), (1, sampled)):
+        theirs = ratios[f"wandb.watch(log='all', log_freq={frequency})"] - 1
+        print(f"overhead at log_freq {frequency}: otel_llm {ratios[ours] - 1:+.1%}, "
+              f"wandb.watch {theirs:+.1%}, ratio {(ratios[ours] - 1) / theirs:.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", choices=("llama", "nanogpt", "both"), default="both")
-    parser.add_argument("--blocks", type=int, default=3, help="rounds of the interleaved variants")
-    parser.add_argument("--steps", type=int, default=40, help="timed steps per block (nanogpt: 4x as many)")
+    parser.add_argument("--blocks", type=int, default=8, help="rounds of the interleaved variants")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per block (nanogpt: 4x as many)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.manual_seed(0)

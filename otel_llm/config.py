@@ -391,8 +391,9 @@ class Config:
         env.OTEL_LLM_GRAD_SPARSITY_THRESHOLD, _non_negative_float, 1e-5,
         "abs(grad) at or below this counts as zero in `llm.grad.sparsity`.")
     token_loss_samples: int = _option(
-        env.OTEL_LLM_TOKEN_LOSS_SAMPLES, _at_least(1, 512), 512,
-        "Most per-token losses recorded into `llm.loss.token` per sampled step.")
+        env.OTEL_LLM_TOKEN_LOSS_SAMPLES, _at_least(1, 512), 128,
+        "Most per-token losses recorded into `llm.loss.token` per sampled step (each is one histogram record on "
+        "the exporter thread, ~5 us of CPU; up to 512).")
     update_sample_size: int = _option(
         env.OTEL_LLM_UPDATE_SAMPLE_SIZE, _at_least(1, 2**22), 65536,
         "Coordinates in the shared sample behind `llm.param.update_variance_ratio`.")

@@ -124,7 +124,7 @@ def test_explicit_good_values_are_normalised():
 @pytest.mark.parametrize(("variable", "raw", "field", "default"), [
     ("OTEL_LLM_SAMPLING_INTERVAL", "ten", "sampling_interval", 10),
     ("OTEL_METRICS_EXPORTER", "kafka", "exporters", ("prometheus", "otlp")),
-    ("OTEL_LLM_TOKEN_LOSS_SAMPLES", "100000", "token_loss_samples", 512),
+    ("OTEL_LLM_TOKEN_LOSS_SAMPLES", "100000", "token_loss_samples", 128),
     ("OTEL_EXPORTER_PROMETHEUS_PORT", "http", "prometheus_port", 9464),
     ("OTEL_LLM_DISABLED_SIGNALS", "llm.nope", "disabled_signals", ()),
 ])

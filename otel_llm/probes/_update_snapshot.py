@@ -13,7 +13,12 @@ Adam-like updates (cv(delta^2) ~ 1-2) and n = 10^6 that is ~0.1%. Tensors of few
 than ``_WHOLE`` elements (biases, norms) are copied whole.
 
 The sample views are made once per parameter list and reused while the parameters
-keep their storage, so a sampled step copies them with one multi-tensor kernel.
+keep their storage, so a sampled step copies them with one multi-tensor kernel. On
+CPU the copy's buffers are kept from one sampled step to the next: CPU memory has no
+caching allocator, and freshly allocated pages cost more to fault in than the copy
+itself (3.6 ms against 0.6 ms for the 15 MB of a 4-layer Llama). On accelerators the
+copy is allocated per sampled step: the caching allocator recycles the block, and
+between sampled steps the activations may use it.
 """
 
 from __future__ import annotations
@@ -26,10 +31,13 @@ import torch
 
 from otel_llm.probes._tensor_stats import squared_norms
 
-__all__ = ["Snapshot", "SnapshotPlan", "budget_bytes"]
+__all__ = ["KEPT_BUFFER_DEVICES", "Snapshot", "SnapshotPlan", "budget_bytes"]
 
 _WHOLE = 1024
 """Tensors with fewer elements are copied whole (they weigh little and the sample would be tiny)."""
+
+KEPT_BUFFER_DEVICES = frozenset({"cpu"})
+"""Device types whose snapshot buffers outlive the step (no caching allocator to recycle them)."""
 
 
 def budget_bytes(tensors: Sequence[torch.Tensor], fraction: float, floor_mib: int) -> int:
@@ -55,6 +63,17 @@ class SnapshotPlan:
     """float64 numel / sampled per tensor; None when exact."""
     storage: tuple[int, ...]
     """The parameters' data pointers when the views were made (views of moved storage are stale)."""
+    buffers: list[torch.Tensor] | None = None
+    """Where the copy goes on devices in :data:`KEPT_BUFFER_DEVICES`, made at the first snapshot."""
+
+    def copy(self) -> list[torch.Tensor]:
+        """The views' current values: into the kept buffers, else into new tensors (one multi-tensor kernel)."""
+        if not self.views or self.views[0].device.type not in KEPT_BUFFER_DEVICES:
+            return list(torch._foreach_mul(self.views, 1.0))
+        if self.buffers is None:
+            self.buffers = [torch.empty_like(view, memory_format=torch.contiguous_format) for view in self.views]
+        torch._foreach_copy_(self.buffers, self.views)
+        return self.buffers
 
     @classmethod
     def make(cls, tensors: Sequence[torch.Tensor], budget: int, seed: int) -> SnapshotPlan:
@@ -90,7 +109,7 @@ class Snapshot:
     def __init__(self, tensors: Sequence[torch.Tensor], plan: SnapshotPlan, device: torch.device) -> None:
         self.before_squares = squared_norms(tensors, device)
         self._plan = plan
-        self._copies = list(torch._foreach_mul(plan.views, 1.0))
+        self._copies = plan.copy()
 
     def deltas(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         """After the step: the (negated) updates of the copied elements, in place of the copy, and
