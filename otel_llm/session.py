@@ -44,6 +44,7 @@ from otel_llm.export.events import AnomalyLog, GuardLog
 from otel_llm.export.provider import ProviderBundle, build_provider
 from otel_llm.guards import GuardListener, make_guards
 from otel_llm.pipeline.anomaly import Anomaly, make_monitor
+from otel_llm.pipeline.batching import PendingCounts
 from otel_llm.pipeline.clock import StepClock
 from otel_llm.pipeline.publisher import AnomalySink, Publisher
 from otel_llm.pipeline.sampler import SamplingInputs, make_sampler
@@ -144,8 +145,10 @@ class Instrumentation:
         logs = self._bundle.logger_provider
         self._anomaly_sinks: list[AnomalySink] = [AnomalyLog(logs).emit] if logs is not None else []
         # the sinks, not a method: the exporter thread must not keep a shut-down session alive
+        self._pending = PendingCounts()
         self._publisher = Publisher(meter, make_monitor(self.config),
-                                    on_anomaly=functools.partial(_deliver_anomaly, self._anomaly_sinks))
+                                    on_anomaly=functools.partial(_deliver_anomaly, self._anomaly_sinks),
+                                    pending=self._pending)
         self._guards = make_guards(self.config, GuardLog(logs).emit if logs is not None else None)
         self._user = UserMetrics(meter, schema, self._bundle.schema, self._publisher.count_nonfinite)
 
@@ -294,7 +297,7 @@ class Instrumentation:
         limit = self.config.shutdown_timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         with self._lock:
-            self._submit_counts(steps=0, durations=[])
+            self._submit_counts(steps=0, durations=[], now=True)
         drained = self._publisher.drain(max(0.0, deadline - time.monotonic()))
         if not self._owns_provider:
             return drained
@@ -318,7 +321,7 @@ class Instrumentation:
             return
         deadline = time.monotonic() + self.config.shutdown_timeout
         with self._lock:
-            self._submit_counts(steps=0, durations=[])
+            self._submit_counts(steps=0, durations=[], now=True)
         self._publisher.close(max(0.0, deadline - time.monotonic()) / 2)
         if self._owns_provider:
             self._bundle.shutdown(max(0.05, deadline - time.monotonic()))
@@ -469,8 +472,11 @@ class Instrumentation:
             self._clock.mark_end()
 
     # -- publishing -------------------------------------------------------------
-    def _submit_counts(self, steps: int, durations: list[float]) -> None:
-        """Counters of a non-sampled step, and its host timings: a queue put; device counts are read off-thread."""
+    def _submit_counts(self, steps: int, durations: list[float], now: bool = False) -> None:
+        """Counters of a non-sampled step and its host timings, batched (see :mod:`otel_llm.pipeline.batching`).
+
+        The batch goes to the exporter thread when it is due or ``now``; device counts are read off-thread.
+        """
         tally = self._probes.tally()
         counters: list[CounterPoint] = list(tally.counters)
         if steps:
@@ -478,9 +484,8 @@ class Instrumentation:
         histograms = [(h.name, h.attributes, h.values) for h in tally.histograms
                       if isinstance(h.values, np.ndarray)]  # host values by contract
         gauges: dict[str, GaugePoints] = {g.name: ((g.attributes, float(g.value)),) for g in tally.gauges}
-        if counters or durations or histograms or gauges:
-            self._publisher.submit(Publication(step=self._clock.step, sampled=False, counters=counters,
-                                               durations=durations, gauges=gauges, histograms=histograms))
+        if self._pending.add(self._clock.step, counters, durations, histograms, gauges) or now:
+            self._pending.hand_over(self._publisher.submit)
 
     def _publish(self, optimizer: torch.optim.Optimizer, durations: list[float], started: float) -> None:
         """A sampled step: the probes' values and the sampling decision in one transfer, then a queue put."""
@@ -501,6 +506,7 @@ class Instrumentation:
                                   gauges=gauges, histograms=host.histograms)
         publication.overhead = (self._overhead + self._probes.take_host_seconds()
                                 + time.perf_counter() - started)
+        self._pending.hand_over(self._publisher.submit)  # the unsampled steps before this one first
         self._publisher.submit(publication)
 
     def _to_host(self, values: StepValues, device: torch.device) -> HostStep:

@@ -40,6 +40,7 @@ from otel_llm.catalog import (
     MetricSpec,
 )
 from otel_llm.pipeline.anomaly import Anomaly, AnomalyMonitor
+from otel_llm.pipeline.batching import BATCH_WINDOW_SECONDS, PendingCounts
 from otel_llm.pipeline.transfer import Publication, Snapshot
 from otel_llm.runtime import fork
 from otel_llm.runtime.log_once import LogOnce, once
@@ -121,7 +122,9 @@ class Publisher:
     """Owns the catalog instruments of one provider and the exporter-side thread."""
 
     def __init__(self, meter: Meter, anomalies: AnomalyMonitor | None = None,
-                 on_anomaly: AnomalySink | None = None) -> None:
+                 on_anomaly: AnomalySink | None = None, pending: PendingCounts | None = None) -> None:
+        self._pending = pending
+        """Batched unsampled steps: taken here when the training thread has not handed them over in time."""
         self._snapshot = Snapshot()
         self._every_step: dict[str, tuple[tuple[Mapping[str, str], float], ...]] = {}
         """Gauges that non-sampled steps carry too (the last step's time): their latest value, read first."""
@@ -195,8 +198,14 @@ class Publisher:
 
     # -- exporter thread --------------------------------------------------------
     def _run(self) -> None:
+        idle = BATCH_WINDOW_SECONDS if self._pending is not None else None
         while True:
-            publication = self._queue.get()
+            try:
+                publication = self._queue.get(timeout=idle)
+            except queue.Empty:  # training paused: a batch of its last steps may be waiting
+                if self._pending is not None:
+                    self._pending.hand_over(self.submit, stale_only=True)
+                continue
             try:
                 if publication is None:
                     return

@@ -11,6 +11,7 @@ statistic that needs a temporary the size of its input; it runs in waves of at m
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -24,11 +25,13 @@ PER_TENSOR_DEVICES = frozenset({"cpu"})
 """Device types where a per-tensor loop beats a multi-tensor kernel: no launch to save, fewer passes to make."""
 
 
+@functools.lru_cache(maxsize=64)
 def floor_in_dtype(threshold: float, dtype: torch.dtype) -> float:
     """The largest ``dtype`` value not above ``threshold`` (>= 0).
 
     ``abs(x) <= floor`` computed in ``dtype`` then agrees exactly with
     ``abs(x) <= threshold`` in float64, without a float32 copy of bf16 tensors.
+    Found once per (threshold, dtype) with a host tensor, so no step pays the read-back.
     """
     value = torch.tensor(threshold, dtype=torch.float64).to(dtype)
     if float(value) > threshold:

@@ -360,7 +360,7 @@ import atexit, os, signal, sys, time
 atexit.register(lambda: print(f"telemetry-closed {time.monotonic()!r}", flush=True))  # runs after otel_llm's
 import torch
 import otel_llm
-from otel_llm.pipeline.publisher import Publisher
+from otel_llm.pipeline.batching import PendingCounts
 
 steps, pause_every, pause, signal_in_step = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(1)
@@ -369,17 +369,17 @@ model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.L
 optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
 inputs, targets = torch.randn(32, 32), torch.randint(0, 16, (32,))
 signalled = False
-submit = Publisher.submit
+add = PendingCounts.add
 
-def submit_and_signal(publisher, publication):  # runs inside otel_llm's post-step hook, its lock held
+def add_and_signal(pending, step, counters, *rest):  # runs inside otel_llm's post-step hook, its lock held
     global signalled
-    counts_a_step = any(name == "llm.train.steps" for name, _, _ in publication.counters)
-    if counts_a_step and publication.step + 1 == signal_in_step:
+    counts_a_step = any(name == "llm.train.steps" for name, _, _ in counters)
+    if counts_a_step and step + 1 == signal_in_step:
         signalled = True
         os.kill(os.getpid(), signal.SIGTERM)
-    submit(publisher, publication)
+    return add(pending, step, counters, *rest)
 
-Publisher.submit = submit_and_signal
+PendingCounts.add = add_and_signal
 otel_llm.instrument(model, optimizer)
 print("ready", flush=True)
 for step in range(1, steps + 1):
