@@ -9,6 +9,7 @@ Probabilities are the softmax before dropout; nothing here touches the RNG.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -31,6 +32,24 @@ def query_positions(length: int, wanted: int, device: torch.device) -> torch.Ten
         return torch.arange(length, device=device)
     spaced = torch.linspace(0, length - 1, count, device=device, dtype=torch.float64).round().long()
     return (length - 1 - spaced).flip(0)
+
+
+@functools.lru_cache(maxsize=32)
+def _unmasked_rows(query_len: int, key_len: int, wanted: int, causal: bool, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Sampled positions, the additive causal bias (None without one) and how many positions are past 0,
+    for a call with no explicit mask.
+
+    They depend only on the call's shape, so they are made once per shape (on the host, then moved), not
+    per layer call. Every row of such a call has a key to attend (a causal query sees at least key 0).
+    """
+    host = query_positions(query_len, wanted, torch.device("cpu"))
+    later = int((host > 0).sum())
+    positions = host.to(device)
+    if not causal:
+        return positions, None, later
+    allowed = positions[:, None] >= torch.arange(key_len, device=device)[None, :]  # SDPA's causal: top-left
+    return positions, _additive(allowed, None), later
 
 
 def _check_layout(*tensors: torch.Tensor) -> None:
@@ -112,25 +131,34 @@ class LayerStatistics:
         kv_heads, key_len = key.shape[1], key.shape[2]
         if heads != self.heads or heads % kv_heads or value.shape[1] != kv_heads or value.shape[2] != key_len:
             raise ValueError(f"unsupported head layout q{tuple(query.shape)} k{tuple(key.shape)}")
-        positions = query_positions(query_len, max_queries, query.device)
+        additive: torch.Tensor | None
+        if call.attn_mask is None:
+            positions, additive, later = _unmasked_rows(query_len, key_len, max_queries, call.is_causal,
+                                                        query.device)
+            allowed = None
+        else:
+            positions = query_positions(query_len, max_queries, query.device)
+            allowed, bias = _allowed_and_bias(call, positions, query_len, key_len)
+            additive = bias if allowed is None else _additive(allowed, bias)
+            later = 0  # counted on the device from the rows the mask leaves
         scale = call.scale if call.scale is not None else 1.0 / math.sqrt(dim)
         # Query head h reads K/V head h // (heads / kv_heads): stacking each group's queries lets one batched
         # matmul per K/V head serve them all, without repeating K or V.
         # the scale goes on the sampled queries (a quarter of the logits' elements at 64 queries x 256 keys)
-        sampled = query.index_select(2, positions).float().mul_(scale).view(batch, kv_heads, -1, dim)
+        sampled = query if positions.numel() == query_len else query.index_select(2, positions)
+        # reshape, not view: the product keeps a transposed query's strides
+        sampled = (sampled.to(torch.float32) * scale).reshape(batch, kv_heads, -1, dim)
         logits = (sampled @ key.float().transpose(-1, -2)).view(batch, heads, -1, key_len)
         if call.softcap is not None:
             logits = torch.tanh(logits / call.softcap).mul_(call.softcap)
-        allowed, bias = _allowed_and_bias(call, positions, query_len, key_len)
-        if allowed is None:
-            allowed = torch.ones((), dtype=torch.bool, device=query.device)
-            if bias is not None:
-                logits.add_(bias)
-        else:
-            logits.add_(_additive(allowed, bias))
-        probs, valid = self._fold(logits, allowed, positions)
+        if additive is not None:
+            logits.add_(additive)
+        valid = None if allowed is None else allowed.any(-1).expand(logits.shape[:-1])
+        probs = self._fold(logits, valid, positions, later)
         outputs = probs.view(batch, kv_heads, -1, key_len) @ value.float()
-        outputs = outputs.view(batch, heads, -1, outputs.shape[-1]) * valid[..., None]
+        outputs = outputs.view(batch, heads, -1, outputs.shape[-1])
+        if valid is not None:
+            outputs = outputs * valid[..., None]
         per_head = outputs.transpose(0, 1).reshape(heads, -1)
         self.gram += per_head @ per_head.T
         self.has_outputs = True
@@ -143,28 +171,37 @@ class LayerStatistics:
         positions = query_positions(scores.shape[2], max_queries, scores.device)
         sampled = scores.index_select(2, positions)
         allowed = sampled > torch.finfo(scores.dtype).min
-        self._fold(sampled.float().masked_fill_(~allowed, _MASKED), allowed, positions)
+        self._fold(sampled.float().masked_fill_(~allowed, _MASKED), allowed.any(-1), positions, 0)
 
-    def _fold(self, logits: torch.Tensor, allowed: torch.Tensor, positions: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add entropy, logit max and sink terms of (B, H, n, K) logits; returns (probabilities, valid rows).
+    def _fold(self, logits: torch.Tensor, valid: torch.Tensor | None, positions: torch.Tensor, later_rows: int
+              ) -> torch.Tensor:
+        """Add entropy, logit max and sink terms of (B, H, n, K) logits; returns the probabilities.
 
         Masked keys hold ``_MASKED`` (huge and negative, not -inf) so every row stays finite; rows with
-        no key to attend are then excluded by ``valid``. One softmax serves every term: with m the row's
-        max logit, log-sum-exp = m - log(max p) (the largest probability is exp(m - lse)), so the entropy
-        lse - sum(p * logit) needs no second (log-)softmax pass.
+        no key to attend are then excluded by ``valid`` (B, H, n), None when every row has one (then
+        ``later_rows`` sampled positions are past 0, known on the host). One
+        softmax serves every term: with m the row's max logit, log-sum-exp = m - log(max p) (the largest
+        probability is exp(m - lse)), so the entropy lse - sum(p * logit) needs no second (log-)softmax.
         """
-        valid = allowed.any(-1).expand(logits.shape[:-1])  # reduced before broadcasting: cheap for shared masks
+        batch, heads, rows = logits.shape[:3]
         probs = torch.softmax(logits, dim=-1)
         row_max = logits.amax(-1)
         entropy = (row_max - torch.linalg.vecdot(probs, logits)).sub_(probs.amax(-1).log_())
+        later = positions > 0
+        if valid is None:
+            self.entropy_sum += entropy.sum((0, 2))
+            self.entropy_count += batch * rows
+            self.logit_max = torch.maximum(self.logit_max, row_max.amax())
+            self.sink_sum += (probs[..., 0] * later).sum()
+            self.sink_count += batch * heads * later_rows
+            return probs
         self.entropy_sum += (entropy * valid).sum((0, 2))
         self.entropy_count += valid.sum((0, 2))
         self.logit_max = torch.maximum(self.logit_max, torch.where(valid, row_max, -math.inf).amax())
-        later = valid & (positions > 0)
-        self.sink_sum += (probs[..., 0] * later).sum()
-        self.sink_count += later.sum()
-        return probs, valid
+        counted = valid & later
+        self.sink_sum += (probs[..., 0] * counted).sum()
+        self.sink_count += counted.sum()
+        return probs
 
     def entropy(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean entropy per head over its sampled queries, and which heads saw any."""
