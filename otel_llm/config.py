@@ -307,11 +307,11 @@ class Config:
         env.OTEL_LLM_SAMPLING_INTERVAL, _at_least(1, MAX_INTERVAL), 10,
         "Fixed policy: compute the expensive signals every N optimizer steps.")
     sampling_warmup: int = _option(
-        env.OTEL_LLM_SAMPLING_WARMUP, _at_least(0, MAX_STEPS), 100,
+        env.OTEL_LLM_SAMPLING_WARMUP, _at_least(0, MAX_STEPS), 200,
         "Adaptive: warm-up steps: every step for the first 2N/`sampling_min_interval`, then an interval "
         "growing linearly to `sampling_min_interval`.")
     sampling_min_interval: int = _option(
-        env.OTEL_LLM_SAMPLING_MIN_INTERVAL, _at_least(1, MAX_INTERVAL), 10,
+        env.OTEL_LLM_SAMPLING_MIN_INTERVAL, _at_least(1, MAX_INTERVAL), 20,
         "Adaptive: interval after warm-up and right after a loss spike, non-finite value or anomaly.")
     sampling_max_interval: int = _option(
         env.OTEL_LLM_SAMPLING_MAX_INTERVAL, _at_least(1, MAX_INTERVAL), 100,

@@ -38,6 +38,7 @@ def test_blown_up_learning_rate_raises_anomalies_and_tightens_sampling(sessions,
     model = GPT(vocab=64)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     config = otel_llm.Config(exporters="prometheus", prometheus_port=free_port(), sampling="adaptive",
+                             sampling_warmup=100, sampling_min_interval=MIN_INTERVAL,
                              sampling_growth_steps=20, sampling_max_interval=80,
                              anomaly_baseline=32)  # judged from the 40th sample: before the blow-up
     session = otel_llm.Instrumentation(model, optimizer, config=config)

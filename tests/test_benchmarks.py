@@ -36,15 +36,15 @@ def test_the_overhead_table_has_every_variant_and_the_whole_run_composition(caps
 
 
 def test_the_default_run_samples_its_warm_up_then_every_minimum_interval():
-    # independent count of the documented schedule: floor(10 (t + 1) / 100) >= 1 in warm-up, then 10,
+    # independent count of the documented schedule: floor(20 (t + 1) / 200) >= 1 in warm-up, then 20,
     # doubling after every 1000 steps past warm-up (quiet losses)
     step, sampled = 0, 0
     while step < 2000:
         sampled += 1
-        if step + 1 < 100:
-            interval = max(1, 10 * (step + 1) // 100)
+        if step + 1 < 200:
+            interval = max(1, 20 * (step + 1) // 200)
         else:
-            interval = min(10 * 2 ** ((step - 100) // 1000), 100)
+            interval = min(20 * 2 ** ((step - 200) // 1000), 100)
         step += interval
     assert overhead.sampled_steps_of_default_run(2000) == sampled
 

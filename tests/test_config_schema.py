@@ -99,7 +99,7 @@ def test_contradicting_environment_values_warn_and_fall_back(monkeypatch, caplog
     caplog.set_level(logging.WARNING, logger="otel_llm")
     monkeypatch.setenv("OTEL_LLM_SAMPLING_MAX_INTERVAL", "5")
     config = otel_llm.Config()
-    assert (config.sampling_min_interval, config.sampling_max_interval) == (10, 100)
+    assert (config.sampling_min_interval, config.sampling_max_interval) == (20, 100)
     (warning,) = [r.getMessage() for r in caplog.records]
     assert "OTEL_LLM_SAMPLING_MAX_INTERVAL" in warning and "sampling_max_interval=5" in warning
 
