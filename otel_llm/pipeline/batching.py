@@ -30,7 +30,8 @@ class PendingCounts:
     """Counters, durations, host histograms and latest gauges of steps not yet handed to the exporter."""
 
     def __init__(self, window: float = BATCH_WINDOW_SECONDS) -> None:
-        self._window = window
+        self.window = window
+        """Seconds a batch may wait (the exporter thread also checks for a stale one this often)."""
         self._lock = threading.Lock()
         self._clear()
 
@@ -59,10 +60,9 @@ class PendingCounts:
             self._histograms.extend(histograms)
             self._gauges.update(gauges)
             self._step = step
-            if self._since is None and (self._host or self._device or self._durations or self._histograms
-                                        or self._gauges):
+            if self._since is None and (counters or durations or histograms or gauges):
                 self._since = now
-            return self._since is not None and now - self._since >= self._window
+            return self._since is not None and now - self._since >= self.window
 
     def hand_over(self, submit: Callable[[Publication], None], stale_only: bool = False) -> None:
         """Submit the batch as one non-sampled publication (nothing when empty, or, ``stale_only``, not yet due).
@@ -70,7 +70,7 @@ class PendingCounts:
         Submitted under the batch's lock: a flush that finds the batch empty finds it already queued.
         """
         with self._lock:
-            if self._since is None or (stale_only and time.monotonic() - self._since < self._window):
+            if self._since is None or (stale_only and time.monotonic() - self._since < self.window):
                 return
             counters: list[CounterPoint] = [(name, attributes, total)
                                             for (name, _), (attributes, total) in self._host.items() if total]

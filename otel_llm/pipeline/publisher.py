@@ -40,7 +40,7 @@ from otel_llm.catalog import (
     MetricSpec,
 )
 from otel_llm.pipeline.anomaly import Anomaly, AnomalyMonitor
-from otel_llm.pipeline.batching import BATCH_WINDOW_SECONDS, PendingCounts
+from otel_llm.pipeline.batching import PendingCounts
 from otel_llm.pipeline.transfer import Publication, Snapshot
 from otel_llm.runtime import fork
 from otel_llm.runtime.log_once import LogOnce, once
@@ -198,7 +198,7 @@ class Publisher:
 
     # -- exporter thread --------------------------------------------------------
     def _run(self) -> None:
-        idle = BATCH_WINDOW_SECONDS if self._pending is not None else None
+        idle = self._pending.window if self._pending is not None else None
         while True:
             try:
                 publication = self._queue.get(timeout=idle)

@@ -36,20 +36,21 @@ def query_positions(length: int, wanted: int, device: torch.device) -> torch.Ten
 
 @functools.lru_cache(maxsize=32)
 def _unmasked_rows(query_len: int, key_len: int, wanted: int, causal: bool, device: torch.device
-                   ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """Sampled positions, the additive causal bias (None without one) and how many positions are past 0,
-    for a call with no explicit mask.
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
+    """Sampled positions, the additive causal bias (None without one), which positions are past 0 and
+    how many, for a call with no explicit mask.
 
     They depend only on the call's shape, so they are made once per shape (on the host, then moved), not
     per layer call. Every row of such a call has a key to attend (a causal query sees at least key 0).
     """
     host = query_positions(query_len, wanted, torch.device("cpu"))
-    later = int((host > 0).sum())
     positions = host.to(device)
+    later = positions > 0
+    later_rows = int((host > 0).sum())
     if not causal:
-        return positions, None, later
+        return positions, None, later, later_rows
     allowed = positions[:, None] >= torch.arange(key_len, device=device)[None, :]  # SDPA's causal: top-left
-    return positions, _additive(allowed, None), later
+    return positions, _additive(allowed, None), later, later_rows
 
 
 def _check_layout(*tensors: torch.Tensor) -> None:
@@ -133,14 +134,14 @@ class LayerStatistics:
             raise ValueError(f"unsupported head layout q{tuple(query.shape)} k{tuple(key.shape)}")
         additive: torch.Tensor | None
         if call.attn_mask is None:
-            positions, additive, later = _unmasked_rows(query_len, key_len, max_queries, call.is_causal,
-                                                        query.device)
+            positions, additive, later, later_rows = _unmasked_rows(query_len, key_len, max_queries,
+                                                                    call.is_causal, query.device)
             allowed = None
         else:
             positions = query_positions(query_len, max_queries, query.device)
             allowed, bias = _allowed_and_bias(call, positions, query_len, key_len)
             additive = bias if allowed is None else _additive(allowed, bias)
-            later = 0  # counted on the device from the rows the mask leaves
+            later, later_rows = positions > 0, 0  # counted on the device from the rows the mask leaves
         scale = call.scale if call.scale is not None else 1.0 / math.sqrt(dim)
         # Query head h reads K/V head h // (heads / kv_heads): stacking each group's queries lets one batched
         # matmul per K/V head serve them all, without repeating K or V.
@@ -154,7 +155,7 @@ class LayerStatistics:
         if additive is not None:
             logits.add_(additive)
         valid = None if allowed is None else allowed.any(-1).expand(logits.shape[:-1])
-        probs = self._fold(logits, valid, positions, later)
+        probs = self._fold(logits, valid, later, later_rows)
         outputs = probs.view(batch, kv_heads, -1, key_len) @ value.float()
         outputs = outputs.view(batch, heads, -1, outputs.shape[-1])
         if valid is not None:
@@ -171,15 +172,15 @@ class LayerStatistics:
         positions = query_positions(scores.shape[2], max_queries, scores.device)
         sampled = scores.index_select(2, positions)
         allowed = sampled > torch.finfo(scores.dtype).min
-        self._fold(sampled.float().masked_fill_(~allowed, _MASKED), allowed.any(-1), positions, 0)
+        self._fold(sampled.float().masked_fill_(~allowed, _MASKED), allowed.any(-1), positions > 0, 0)
 
-    def _fold(self, logits: torch.Tensor, valid: torch.Tensor | None, positions: torch.Tensor, later_rows: int
+    def _fold(self, logits: torch.Tensor, valid: torch.Tensor | None, later: torch.Tensor, later_rows: int
               ) -> torch.Tensor:
         """Add entropy, logit max and sink terms of (B, H, n, K) logits; returns the probabilities.
 
         Masked keys hold ``_MASKED`` (huge and negative, not -inf) so every row stays finite; rows with
         no key to attend are then excluded by ``valid`` (B, H, n), None when every row has one (then
-        ``later_rows`` sampled positions are past 0, known on the host). One
+        ``later_rows``, known on the host, is how many sampled positions ``later`` marks as past 0). One
         softmax serves every term: with m the row's max logit, log-sum-exp = m - log(max p) (the largest
         probability is exp(m - lse)), so the entropy lse - sum(p * logit) needs no second (log-)softmax.
         """
@@ -187,7 +188,6 @@ class LayerStatistics:
         probs = torch.softmax(logits, dim=-1)
         row_max = logits.amax(-1)
         entropy = (row_max - torch.linalg.vecdot(probs, logits)).sub_(probs.amax(-1).log_())
-        later = positions > 0
         if valid is None:
             self.entropy_sum += entropy.sum((0, 2))
             self.entropy_count += batch * rows
